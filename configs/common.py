@@ -1,0 +1,199 @@
+"""The one config tree of cots_jax (design.md §8.4), and the `:arg` parser of the config files.
+
+Every field of every run lives here with its default; `configs/*.py` only change values. The
+method.md `use_*` switches are the loss weights (`loss.mlm = 0` turns MLM off and skips it).
+Defaults are the tiny CPU model (design §8.5); `configs/pretrain.py:model=base` holds the paper's.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg, **spec):
+  """Parses `"runlocal,data=flickr8k,model=base"` into a ConfigDict typed like `spec`.
+
+  Args:
+    arg: the string after `:` in `--config=configs/x.py:ARG` (None or "" for none).
+    **spec: every accepted key with its default; the default's type parses the value
+      (a bool key given without `=value`, like `runlocal`, is True).
+
+  Returns:
+    ConfigDict with one field per key of `spec`.
+
+  Raises:
+    ValueError naming the key when it is unknown or its value does not parse.
+  """
+  parsed = ml_collections.ConfigDict(spec)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, has_value, value = item.partition("=")
+    if key not in spec:
+      raise ValueError(f"config arg {key!r} is unknown; known: {sorted(spec)}")
+    default = spec[key]
+    if isinstance(default, bool):
+      if has_value and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config arg {key!r} takes true/false, got {value!r}")
+      parsed[key] = (not has_value) or value.lower() in ("true", "1")
+    elif not has_value:
+      raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+    else:
+      try:
+        parsed[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config arg {key!r}: cannot parse {value!r} as "
+                         f"{type(default).__name__}") from e
+  return parsed
+
+
+def model_config(size="tiny"):
+  """Tower sizes. `tiny`: the 2-core CPU default; `base`: ViT-B/16 224 px + BERT-base (method §1.2)."""
+  m = ml_collections.ConfigDict()
+  m.embed_dim = 128 if size == "tiny" else 256
+  # Compute dtype of activations; parameters always stay float32.
+  m.dtype = "float32" if size == "tiny" else "bfloat16"
+  # How the other modality's global vector enters the MLM / MVM heads: concat | add | none.
+  m.mvlm_fusion = "concat"
+  # Source of that global vector: online ([CLS] of the clean pass) or momentum ([CLS] of the EMA pass).
+  m.mvlm_global_src = "online"
+  m.mvlm_global_stopgrad = False
+
+  m.image = ml_collections.ConfigDict()
+  m.image.image_size = 48 if size == "tiny" else 224
+  m.image.patch_size = 6 if size == "tiny" else 16
+  m.image.width = 128 if size == "tiny" else 768
+  m.image.depth = 4 if size == "tiny" else 12
+  m.image.heads = 4 if size == "tiny" else 12
+  m.image.mlp_ratio = 4.0
+  m.image.dropout = 0.0
+  m.image.init = ""  # local path of pre-trained weights (public-weights issue); "" = scratch.
+
+  m.text = ml_collections.ConfigDict()
+  m.text.vocab_size = 30522
+  m.text.width = 128 if size == "tiny" else 768
+  m.text.depth = 4 if size == "tiny" else 12
+  m.text.heads = 4 if size == "tiny" else 12
+  m.text.mlp_ratio = 4.0
+  m.text.max_positions = 64 if size == "tiny" else 512
+  m.text.type_vocab_size = 2
+  m.text.dropout = 0.0
+  m.text.layer_norm_eps = 1e-12
+  m.text.init = ""
+  return m
+
+
+def vq_config(size="tiny"):
+  """The VQ tokenizer whose codes are the MVM targets (design §8.1: one code per ViT patch)."""
+  v = ml_collections.ConfigDict()
+  v.init = ""  # workdir or directory of a trained tokenizer; "" = train one first (`steps`).
+  v.steps = 600 if size == "tiny" else 20_000
+  v.codebook_size = 256 if size == "tiny" else 8192
+  v.code_dim = 32
+  v.hidden = 128 if size == "tiny" else 256
+  v.commitment = 0.25
+  # "ema": codebook follows the encoder outputs by EMA; "st": straight-through + codebook loss.
+  v.codebook_update = "ema"
+  v.ema_decay = 0.99
+  # A code used fewer than this many times (EMA count) is re-seeded from a random encoder output.
+  v.dead_code_threshold = 1.0
+  v.batch_size = 64 if size == "tiny" else 256
+  v.lr = 2e-3 if size == "tiny" else 5e-4
+  v.log_every = 100
+  return v
+
+
+def base_config(size="tiny"):
+  """The full tree with defaults for `size` in {tiny, base}."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "cots"  # cots | vq (configs/vq_tokenizer.py)
+  c.seed = 0
+  c.total_steps = 1500 if size == "tiny" else 200_000
+  c.log_every = 50 if size == "tiny" else 100
+  c.eval_every = 500 if size == "tiny" else 5000  # 0 = only at the end.
+  c.checkpoint_every = 500 if size == "tiny" else 5000  # 0 = only the final state.
+  c.keep_checkpoints = 3
+  c.init_from = ""
+
+  c.model = model_config(size)
+  c.vq = vq_config(size)
+
+  # One weight per objective (method §1.3.5, §4.17); 0 skips the term's computation.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.itc = 1.0
+  c.loss.mlm = 1.0
+  c.loss.mvm = 1.0
+  c.loss.kl_align = 1.0
+  # ALBEF momentum distillation of the ITC targets (method §4.12); 0 = hard targets (COTS default).
+  c.loss.itc_alpha = 0.0
+
+  c.queue = ml_collections.ConfigDict()
+  c.queue.size = 4096 if size == "tiny" else 65_536
+  c.queue.in_batch_negatives = False  # BriVL: N x (1+K) logits, positive at index 0.
+  c.queue.multi_positive = False  # fine-tuning: every entry with the same image_id is a positive.
+
+  c.momentum = ml_collections.ConfigDict()
+  c.momentum.decay = 0.99
+  c.momentum.schedule = "constant"  # constant | cosine (decay -> final_decay over total_steps)
+  c.momentum.final_decay = 1.0
+
+  c.amf = ml_collections.ConfigDict()
+  c.amf.enabled = True
+  c.amf.lambda_ = 2.0  # threshold = mu - lambda_ * sigma of the momentum pair similarity
+  c.amf.beta = 0.99
+  c.amf.warmup_steps = 0.1  # < 1: fraction of total_steps (design §8.2); >= 1: steps.
+  c.amf.enqueue_filtered = True  # False: filtered pairs enter the queue marked invalid.
+
+  c.kl = ml_collections.ConfigDict()
+  c.kl.direction = "sym"  # sym | i2t_to_t2i (KL(p||q)) | t2i_to_i2t (KL(q||p))
+  c.kl.stopgrad_target = False
+
+  c.temp = ml_collections.ConfigDict()
+  c.temp.init = 0.07
+  c.temp.learnable = False
+  c.temp.min = 0.001
+  c.temp.max = 0.5
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3 if size == "tiny" else 1e-4
+  c.optim.end_lr = 1e-5 if size == "tiny" else 1e-6
+  c.optim.warmup_steps = 100 if size == "tiny" else 1000
+  c.optim.weight_decay = 0.02
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0  # global norm; 0 = off.
+
+  c.input = ml_collections.ConfigDict()
+  c.input.batch_size = 64 if size == "tiny" else 512  # global batch (pairs per step).
+  c.input.max_len = 40 if size == "tiny" else 30
+  c.input.tokenizer = ""  # local tokenizer dir; "" = the shipped bert-base-uncased vocab.
+  c.input.mlm_prob = 0.15
+  c.input.mvm_prob = 0.4
+  c.input.mvm_mask = "block"  # block (BEiT) | random
+  c.input.mvm_min_block = 4 if size == "tiny" else 16
+  c.input.on_bad_example = "skip"
+  c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
+  c.input.prefetch = 2
+  c.input.data = ml_collections.ConfigDict()
+  c.input.data.name = "synthetic"
+  c.input.data.num_train_images = 20_000
+  c.input.data.num_eval_images = 500
+
+  c.mesh = [("data", -1)]
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 250
+  c.eval.chunk = 4096  # similarity rows per chunk (design §4.1)
+  c.eval.ks = (1, 5, 10)
+  return c
+
+
+def shrink_for_runlocal(config):
+  """Shrinks a config in place to a smoke test of about a minute on a laptop CPU."""
+  config.total_steps = 120
+  config.log_every = 20
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  config.vq.steps = 150
+  config.vq.log_every = 50
+  config.queue.size = 1024
+  config.input.batch_size = 32
+  config.input.data.num_train_images = 2000
+  config.input.data.num_eval_images = 100
+  config.optim.warmup_steps = 20

@@ -1,0 +1,106 @@
+"""Checks a config before anything is built or compiled (design §4.4).
+
+Every problem is reported as a `ValueError` with one line that names the field (`config.x.y=...`).
+"""
+
+import math
+
+DTYPES = ("float32", "bfloat16")
+CHOICES = {
+    "trainer": ("cots", "vq"),
+    "model.dtype": DTYPES,
+    "model.mvlm_fusion": ("concat", "add", "none"),
+    "model.mvlm_global_src": ("online", "momentum"),
+    "vq.codebook_update": ("ema", "st"),
+    "momentum.schedule": ("constant", "cosine"),
+    "kl.direction": ("sym", "i2t_to_t2i", "t2i_to_i2t"),
+    "input.mvm_mask": ("block", "random"),
+    "input.on_bad_example": ("skip", "error"),
+    "input.data.name": ("synthetic",),
+}
+POSITIVE_INTS = (
+    "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
+    "model.image.image_size", "model.image.patch_size", "model.image.width", "model.image.depth",
+    "model.image.heads", "model.text.vocab_size", "model.text.width", "model.text.depth",
+    "model.text.heads", "model.text.max_positions", "vq.codebook_size", "vq.code_dim", "vq.hidden",
+    "vq.batch_size", "queue.size", "input.batch_size", "input.max_len",
+    "input.data.num_train_images", "input.data.num_eval_images", "eval.batch_size", "eval.chunk",
+)
+NON_NEGATIVE = (
+    "eval_every", "checkpoint_every", "vq.steps", "loss.itc", "loss.mlm", "loss.mvm",
+    "loss.kl_align", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+    "input.num_workers", "input.prefetch", "amf.warmup_steps",
+)
+UNIT_INTERVAL = ("loss.itc_alpha", "momentum.decay", "momentum.final_decay", "amf.beta",
+                 "input.mlm_prob", "input.mvm_prob", "vq.ema_decay")
+
+
+def _get(config, dotted):
+  value = config
+  for key in dotted.split("."):
+    value = value[key]
+  return value
+
+
+def _fail(dotted, value, why):
+  raise ValueError(f"config.{dotted}={value!r} {why}")
+
+
+def validate(config):
+  """Raises ValueError naming the first invalid field of `config`; returns None when all is well."""
+  for dotted, allowed in CHOICES.items():
+    if _get(config, dotted) not in allowed:
+      _fail(dotted, _get(config, dotted), f"must be one of {allowed}")
+  for dotted in POSITIVE_INTS:
+    value = _get(config, dotted)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(dotted, value, "must be a positive integer")
+  for dotted in NON_NEGATIVE:
+    value = _get(config, dotted)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+      _fail(dotted, value, "must be a finite number >= 0")
+  for dotted in UNIT_INTERVAL:
+    if not 0.0 <= _get(config, dotted) <= 1.0:
+      _fail(dotted, _get(config, dotted), "must lie in [0, 1]")
+  _validate_model(config)
+  _validate_training(config)
+
+
+def _validate_model(config):
+  image = config.model.image
+  if image.image_size % image.patch_size:
+    _fail("model.image.image_size", image.image_size,
+          f"must be a multiple of config.model.image.patch_size={image.patch_size}")
+  for tower in ("image", "text"):
+    group = config.model[tower]
+    if group.width % group.heads:
+      _fail(f"model.{tower}.width", group.width,
+            f"must be divisible by config.model.{tower}.heads={group.heads}")
+  if config.input.max_len > config.model.text.max_positions:
+    _fail("input.max_len", config.input.max_len,
+          f"exceeds config.model.text.max_positions={config.model.text.max_positions}")
+  if config.input.max_len < 3:
+    _fail("input.max_len", config.input.max_len, "must leave room for [CLS], a token and [SEP]")
+
+
+def _validate_training(config):
+  if config.queue.size % config.input.batch_size or config.queue.size < config.input.batch_size:
+    _fail("queue.size", config.queue.size,
+          f"must be a positive multiple of config.input.batch_size={config.input.batch_size} "
+          "(the queue advances one global batch per step)")
+  if not 0 < config.temp.min <= config.temp.init <= config.temp.max:
+    _fail("temp.init", config.temp.init,
+          f"must lie in [config.temp.min={config.temp.min}, config.temp.max={config.temp.max}], min > 0")
+  if config.optim.lr <= 0 or config.optim.end_lr < 0:
+    _fail("optim.lr", config.optim.lr, "must be > 0 (and config.optim.end_lr >= 0)")
+  if config.optim.warmup_steps >= config.total_steps:
+    _fail("optim.warmup_steps", config.optim.warmup_steps,
+          f"must be smaller than config.total_steps={config.total_steps}")
+  if sum(config.loss[k] for k in ("itc", "mlm", "mvm", "kl_align")) <= 0:
+    _fail("loss", dict(config.loss), "turns every objective off; give at least one a weight > 0")
+
+
+def amf_warmup_steps(config):
+  """`amf.warmup_steps` in steps: values below 1 are a fraction of `total_steps` (design §8.2)."""
+  warmup = config.amf.warmup_steps
+  return int(round(warmup * config.total_steps)) if warmup < 1 else int(warmup)

@@ -1,0 +1,127 @@
+"""ViT image tower (method §4 item 1): pre-LN transformer over patches with a learned [CLS].
+
+Parameters are float32; `dtype` is the compute dtype of the activations. With `mvm_mask`, masked
+patch embeddings are swapped for a learned `mask_token` before the position embedding is added
+(BEiT), which is what the MVM objective predicts from.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward: Dense -> GELU -> Dense, `[..., D] -> [..., D]`."""
+  hidden: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); `[B, T, D] -> [B, T, D]`."""
+  heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.heads, dtype=self.dtype, force_fp32_for_softmax=True,
+        deterministic=True, name="attn")(y, y)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class ViT(nn.Module):
+  """Vision transformer returning all tokens, [CLS] first.
+
+  Attributes:
+    image_size: side of the square input in pixels; fixes the number of position embeddings.
+    patch_size: side of a patch in pixels; N = (image_size / patch_size)^2 patches.
+    width, depth, heads, mlp_ratio: transformer sizes (MLP hidden = width * mlp_ratio).
+    dropout: dropout rate on embeddings, attention output and MLP (active only when train).
+    dtype: compute dtype; parameters stay float32.
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  heads: int
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @classmethod
+  def from_config(cls, image_config, dtype=jnp.float32, remat=False):
+    """Builds the tower from a `config.model.image` group (configs/common.py)."""
+    return cls(image_size=image_config.image_size, patch_size=image_config.patch_size,
+               width=image_config.width, depth=image_config.depth, heads=image_config.heads,
+               mlp_ratio=image_config.mlp_ratio, dropout=image_config.dropout, dtype=dtype,
+               remat=remat)
+
+  @property
+  def grid_size(self):
+    """Patches per side: image_size // patch_size."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self):
+    """N, the number of patch tokens (the MVM mask length)."""
+    return self.grid_size ** 2
+
+  @nn.compact
+  def __call__(self, images, mvm_mask=None, train=False):
+    """Encodes images.
+
+    Args:
+      images: `[B, H, W, 3]` with H = W = image_size.
+      mvm_mask: optional `[B, N]` bool, True = replace that patch by the mask token.
+      train: enables dropout (needs a "dropout" rng when dropout > 0).
+
+    Returns:
+      `[B, 1 + N, width]` tokens in `dtype`, [CLS] at index 0, after the final LayerNorm.
+    """
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                       f"{self.patch_size}")
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"ViT built for {self.image_size}px images got {images.shape[1:3]}")
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed")(images)
+    batch = x.shape[0]
+    x = x.reshape(batch, self.num_patches, self.width)
+
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    if mvm_mask is not None:
+      if mvm_mask.shape != (batch, self.num_patches):
+        raise ValueError(f"mvm_mask must be [B, N] = {(batch, self.num_patches)}, "
+                         f"got {mvm_mask.shape}")
+      x = jnp.where(mvm_mask[..., None], mask_token.astype(x.dtype), x)
+
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                     (1, 1 + self.num_patches, self.width))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
+
+    block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
+    for i in range(self.depth):
+      x = block_cls(self.heads, int(self.width * self.mlp_ratio), self.dropout, self.dtype,
+                    name=f"block_{i}")(x, train)
+    return nn.LayerNorm(dtype=self.dtype, name="norm")(x)

@@ -1,0 +1,75 @@
+"""Device mesh, state shardings as data, and host-local -> global batches (design §5).
+
+Parameter sharding rules are `(regex, PartitionSpec-tuple)` pairs matched against the
+"/"-joined path of each leaf; the first match wins and unmatched leaves are replicated.
+"""
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(mesh_axes, devices=None):
+  """Builds a Mesh from `[(axis_name, size), ...]`; one size may be -1 (all remaining devices).
+
+  Raises ValueError naming `config.mesh` when the sizes do not multiply to the device count.
+  """
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  names = tuple(name for name, _ in mesh_axes)
+  sizes = [int(size) for _, size in mesh_axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh={mesh_axes!r} may leave at most one axis size at -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if devices.size % known:
+      raise ValueError(f"config.mesh={mesh_axes!r} does not divide {devices.size} devices")
+    sizes[sizes.index(-1)] = devices.size // known
+  if int(np.prod(sizes)) != devices.size:
+    raise ValueError(f"config.mesh={mesh_axes!r} needs {int(np.prod(sizes))} devices, "
+                     f"found {devices.size}")
+  return Mesh(devices.reshape(sizes), names)
+
+
+def replicated(mesh):
+  """Sharding of an array kept whole on every device."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  """Sharding of a `[B, ...]` batch: the leading axis split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def tree_shardings(abstract_tree, mesh, rules=()):
+  """NamedShardings for every leaf of `abstract_tree` from `(regex, spec)` rules.
+
+  Args:
+    abstract_tree: pytree of arrays or ShapeDtypeStructs.
+    mesh: the device mesh.
+    rules: sequence of `(regex, spec)`, spec a tuple of mesh-axis names / None per array dim.
+
+  Returns:
+    pytree of NamedSharding with the structure of `abstract_tree`.
+  """
+  compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+
+  def leaf_sharding(path, leaf):
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    for pattern, spec in compiled:
+      if pattern.search(name):
+        if len(spec) > len(leaf.shape):
+          raise ValueError(f"sharding rule {pattern.pattern!r} gives {spec} to {name} "
+                           f"of rank {len(leaf.shape)}")
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def global_batch(host_batch, mesh):
+  """Turns this host's numpy batch (its share of the global batch) into global jax Arrays."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)

@@ -1,0 +1,409 @@
+"""The COTS trainer: one linear file in banner sections (design §2).
+
+  optimizer | state | update step | VQ tokenizer | checkpoint | evals | train_and_evaluate
+  (logging, mesh, data, model, state, loop)
+
+The only place where the model, the losses, the queue, EMA, the optimizer and sharding meet.
+One jitted `update(state, batch) -> (state, metrics)` with donated state does a whole step
+(design §3); metrics are read on the host only every `log_every` steps.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from cots_jax import config_validation
+from cots_jax import losses
+from cots_jax import momentum as momentum_lib
+from cots_jax import queue as queue_lib
+from cots_jax import sharding
+from cots_jax import vq_trainer
+from cots_jax.data import masking
+from cots_jax.data import pipeline
+from cots_jax.evaluators import retrieval
+from cots_jax.metrics_writer import MetricWriter
+from cots_jax.models import cots as cots_model
+
+# ----------------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config):
+  """Linear warm-up from 0 to `optim.lr`, then cosine decay to `optim.end_lr` at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optim.lr, warmup_steps=config.optim.warmup_steps,
+      decay_steps=config.total_steps, end_value=config.optim.end_lr)
+
+
+def weight_decay_mask(params):
+  """True for the weights that decay: matrices and kernels, not biases, norms, embeddings of
+  positions / tokens types / [CLS] / [MASK], nor the temperature (method §4.21)."""
+  no_decay = ("position", "pos_embed", "cls", "mask_token", "token_type")
+
+  def decays(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path).lower()
+    return leaf.ndim >= 2 and not any(word in name for word in no_decay)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config):
+  """AdamW on the warm-up + cosine schedule, after global-norm clipping when `optim.grad_clip` > 0."""
+  adamw = optax.adamw(learning_rate_schedule(config), b1=config.optim.b1, b2=config.optim.b2,
+                      weight_decay=config.optim.weight_decay, mask=weight_decay_mask)
+  if config.optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), adamw)
+  return adamw
+
+
+# --------------------------------------------------------------------------------------- state
+
+
+def init_state(config, model, optimizer, vq_variables, rng):
+  """The whole train state as a plain dict (design §3); jit this with `out_shardings`.
+
+  Args:
+    config: the run's ConfigDict.
+    model: a `CotsModel`.
+    optimizer: the optax transformation of `make_optimizer`.
+    vq_variables: the frozen VQ tokenizer's variables (stored under "vq", no optimizer state).
+    rng: uint32[2] PRNG key.
+  """
+  init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
+  image_size = config.model.image.image_size
+  num_patches = (image_size // config.model.image.patch_size) ** 2
+  params = model.init(
+      init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+      jnp.zeros((1, config.input.max_len), jnp.int32),
+      jnp.ones((1, config.input.max_len), jnp.int32),
+      jnp.zeros((1, num_patches), bool))["params"]
+  if config.temp.learnable:
+    params = {**params, "temp": jnp.asarray(config.temp.init, jnp.float32)}
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "params_ema": jax.tree.map(jnp.copy, params),
+      "opt": optimizer.init(params),
+      "queue": queue_lib.init_queue(config.queue.size, config.model.embed_dim, queue_rng),
+      "amf": losses.amf_init(),
+      "vq": vq_variables,
+      "rng": state_rng,
+  }
+
+
+# --------------------------------------------------------------------------------- update step
+
+
+def _gather(tokens, positions):
+  """tokens [B, N, D], positions [B, P] int -> [B, P, D]."""
+  return jnp.take_along_axis(tokens, positions[..., None], axis=1)
+
+
+def masked_patch_positions(mvm_mask, num_masked):
+  """The indices of the `num_masked` True entries of each row of `mvm_mask` [B, N] -> [B, M].
+
+  The data gives exactly `num_masked` per row (design §8.3), so the shape is static.
+  """
+  return jnp.argsort(~mvm_mask, axis=1, stable=True)[:, :num_masked].astype(jnp.int32)
+
+
+def make_update_fn(config, model, optimizer):
+  """Returns `update(state, batch) -> (state, metrics)`, the whole COTS step (design §3).
+
+  Order inside a step (method §1.3, §4): EMA update of the momentum towers, clean online and
+  momentum forwards, ITC / KL logits against the queues, AMF weights from the momentum pair
+  similarity, masked forwards for MLM / MVM (targets from the frozen VQ on the same image),
+  gradient + AdamW, enqueue of the momentum keys.
+  """
+  vq_model = vq_trainer.tokenizer_module(config)
+  image_cfg = config.model.image
+  num_patches = (image_cfg.image_size // image_cfg.patch_size) ** 2
+  num_mvm = masking.num_mvm_masked(config.input.mvm_prob, num_patches)
+  amf_warmup = config_validation.amf_warmup_steps(config)
+  weights = config.loss
+  schedule = learning_rate_schedule(config)
+
+  def apply(params, method, *args, rng=None):
+    train = config.model.image.dropout > 0 or config.model.text.dropout > 0
+    rngs = {"dropout": rng} if train and rng is not None else None
+    return model.apply({"params": params}, *args, method=method, rngs=rngs)
+
+  def encode(params, batch, rng=None):
+    """Clean forward of both towers -> (v [B,E], t [B,E], image [CLS] [B,Di], text [CLS] [B,Dt])."""
+    img_cls = apply(params, model.encode_image, batch["image"], rng=rng)[:, 0]
+    txt_cls = apply(params, model.encode_text, batch["text_ids"], batch["text_mask"], rng=rng)[:, 0]
+    return (apply(params, model.embed_image, img_cls), apply(params, model.embed_text, txt_cls),
+            img_cls, txt_cls)
+
+  def loss_fn(params, params_ema, state, batch, rng):
+    temp = (losses.clamp_temperature(params["temp"], config.temp.min, config.temp.max)
+            if config.temp.learnable else jnp.float32(config.temp.init))
+    rng_clean, rng_mlm, rng_mvm = jax.random.split(rng, 3)
+    v, t, img_cls, txt_cls = encode(params, batch, rng_clean)
+    v_m, t_m, img_cls_m, txt_cls_m = jax.tree.map(jax.lax.stop_gradient, encode(params_ema, batch))
+
+    # Adaptive momentum filter: per-pair weights from the momentum pair similarity (design §8.2).
+    scores = jnp.sum(v_m * t_m, axis=-1)
+    amf_stats = losses.amf_update(state["amf"], scores, config.amf.beta)
+    amf_active = jnp.logical_and(config.amf.enabled, state["step"] >= amf_warmup)
+    pair_w = losses.amf_weights(amf_stats, scores, config.amf.lambda_, amf_active)
+
+    queue = state["queue"]
+    in_batch = config.queue.in_batch_negatives
+    logits_i2t = losses.contrastive_logits(v, t_m, queue["txt"], queue["valid"], temp, in_batch)
+    logits_t2i = losses.contrastive_logits(t, v_m, queue["img"], queue["valid"], temp, in_batch)
+    terms = {}
+    if weights.itc > 0:
+      targets = losses.itc_targets(batch["image_id"], queue["idx"], queue["valid"], in_batch,
+                                   config.queue.multi_positive)
+      momentum_logits = {}
+      if weights.itc_alpha > 0:
+        momentum_logits = dict(
+            momentum_logits_i2t=losses.contrastive_logits(
+                v_m, t_m, queue["txt"], queue["valid"], temp, in_batch),
+            momentum_logits_t2i=losses.contrastive_logits(
+                t_m, v_m, queue["img"], queue["valid"], temp, in_batch))
+      per_pair = losses.itc_loss(logits_i2t, logits_t2i, targets, alpha=weights.itc_alpha,
+                                 **momentum_logits)
+      terms["itc"] = losses.weighted_mean(per_pair, pair_w)
+    if weights.kl_align > 0:
+      per_pair = losses.kl_alignment(logits_i2t, logits_t2i, config.kl.direction,
+                                     config.kl.stopgrad_target)
+      terms["kl_align"] = losses.weighted_mean(per_pair, pair_w)
+
+    use_momentum_global = config.model.mvlm_global_src == "momentum"
+    image_global = img_cls_m if use_momentum_global else img_cls
+    text_global = txt_cls_m if use_momentum_global else txt_cls
+    if config.model.mvlm_global_stopgrad:
+      image_global, text_global = map(jax.lax.stop_gradient, (image_global, text_global))
+    if weights.mlm > 0:
+      hidden = apply(params, model.encode_text, batch["mlm_ids"], batch["text_mask"], rng=rng_mlm)
+      logits = apply(params, model.mlm_logits, _gather(hidden, batch["mlm_positions"]),
+                     image_global)
+      terms["mlm"] = losses.masked_prediction_loss(
+          logits, batch["mlm_targets"], batch["mlm_weights"], pair_w)
+    if weights.mvm > 0:
+      codes = jax.lax.stop_gradient(vq_model.apply(
+          state["vq"], batch["image"], method=vq_model.tokenize))
+      positions = masked_patch_positions(batch["mvm_mask"], num_mvm)
+      tokens = apply(params, model.encode_image, batch["image"], batch["mvm_mask"], rng=rng_mvm)
+      logits = apply(params, model.mvm_logits, _gather(tokens[:, 1:], positions), text_global)
+      terms["mvm"] = losses.masked_prediction_loss(
+          logits, jnp.take_along_axis(codes, positions, axis=1),
+          jnp.ones(positions.shape, jnp.float32), pair_w)
+
+    loss = sum(weights[name] * value for name, value in terms.items())
+    aux = dict(terms=terms, amf_stats=amf_stats, pair_w=pair_w, keys=(v_m, t_m), temp=temp)
+    return loss, aux
+
+  def update(state, batch):
+    rng, step_rng = jax.random.split(state["rng"])
+    decay = momentum_lib.momentum_decay(
+        state["step"], config.momentum.decay, config.momentum.schedule,
+        config.momentum.final_decay, config.total_steps)
+    # The momentum towers move before the key forward (method §4.4, BriVL / ALBEF).
+    params_ema = momentum_lib.ema_update(state["params_ema"], state["params"], decay)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], params_ema, state, batch, step_rng)
+    updates, opt = optimizer.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+
+    v_m, t_m = aux["keys"]
+    enqueue_valid = (jnp.ones_like(aux["pair_w"], bool) if config.amf.enqueue_filtered
+                     else aux["pair_w"] > 0)
+    queue = queue_lib.enqueue(state["queue"], v_m, t_m, batch["image_id"], enqueue_valid)
+    new_state = dict(state, step=state["step"] + 1, params=params, params_ema=params_ema,
+                     opt=opt, queue=queue, amf=aux["amf_stats"], rng=rng)
+    metrics = {f"train/{name}": value for name, value in aux["terms"].items()}
+    metrics.update({
+        "train/loss": loss,
+        "train/amf_kept": jnp.mean(aux["pair_w"]),
+        "train/temp": aux["temp"],
+        "train/lr": schedule(state["step"]),
+        "train/momentum": decay,
+        "train/grad_norm": optax.global_norm(grads),
+    })
+    return new_state, metrics
+
+  return update
+
+
+# ---------------------------------------------------------------------------------- checkpoint
+
+
+def checkpoint_manager(workdir, config):
+  """Orbax manager of WORKDIR/checkpoints: the train state and the grain iterator, saved async."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           enable_async_checkpointing=True, create=True))
+
+
+def save_checkpoint(manager, state, train_iter):
+  step = int(jax.device_get(state["step"]))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+
+
+def restore_checkpoint(manager, abstract_state, train_iter):
+  """Restores the latest complete checkpoint into `train_iter`; returns the state (or None)."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
+  logging.info("Resumed from step %d of %s", step, manager.directory)
+  return restored["state"]
+
+
+# --------------------------------------------------------------------------------------- evals
+
+
+def make_embed_fns(model):
+  """Jitted `(params, batch) -> [b, E]` image and text embedders for the evaluators."""
+
+  @jax.jit
+  def embed_images(params, image):
+    cls = model.apply({"params": params}, image, method=model.encode_image)[:, 0]
+    return model.apply({"params": params}, cls, method=model.embed_image)
+
+  @jax.jit
+  def embed_texts(params, text_ids, text_mask):
+    cls = model.apply({"params": params}, text_ids, text_mask, method=model.encode_text)[:, 0]
+    return model.apply({"params": params}, cls, method=model.embed_text)
+
+  return embed_images, embed_texts
+
+
+def run_evals(evaluator, embed_fns, state):
+  """Retrieval metrics of the online (`retrieval`) and momentum (`retrieval_momentum`) encoders,
+  as `{"eval/<name>/<metric>": value}`."""
+  embed_images, embed_texts = embed_fns
+  results = {}
+  for name, params in (("retrieval", state["params"]), ("retrieval_momentum", state["params_ema"])):
+    metrics = evaluator.run(
+        lambda b, p=params: np.asarray(embed_images(p, b["image"])),
+        lambda b, p=params: np.asarray(embed_texts(p, b["text_ids"], b["text_mask"])))
+    results.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+  return results
+
+
+def _eval_summary(results):
+  parts = []
+  for name in ("retrieval", "retrieval_momentum"):
+    r = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"eval/{name}/")}
+    parts.append(f"{name}: i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
+                 f"t2i R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
+  return "; ".join(parts)
+
+
+# -------------------------------------------------------------------------- train_and_evaluate
+
+
+def train_and_evaluate(config, workdir):
+  """Trains COTS as `config` says, writing logs, metrics and checkpoints to `workdir`.
+
+  Returns the metrics of the final evaluation (`{"eval/<name>/<metric>": value}`).
+  """
+  # --- logging & workdir
+  config_validation.validate(config)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = MetricWriter(workdir, enabled=is_chief)
+
+  # --- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  if config.input.batch_size % mesh.size:
+    raise ValueError(f"config.input.batch_size={config.input.batch_size} must be a multiple of "
+                     f"the {mesh.size} devices of the mesh")
+
+  # --- data
+  train_iter = pipeline.make_train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count())
+  eval_split = pipeline.make_eval_split(config)
+
+  # --- VQ tokenizer (frozen; trained first in this workdir when config.vq.init is empty)
+  vq_variables = vq_trainer.obtain_tokenizer(config, workdir, writer)
+
+  # --- model & state
+  model = cots_model.CotsModel.from_config(config)
+  optimizer = make_optimizer(config)
+  init_fn = functools.partial(init_state, config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, vq_variables, rng)
+  state_shardings = sharding.tree_shardings(abstract, mesh, config.get("sharding_rules", ()))
+  state = jax.jit(init_fn, out_shardings=state_shardings)(vq_variables, rng)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+  logging.info("COTS model: %.2fM parameters (online towers + heads)", num_params / 1e6)
+
+  # --- update step
+  update = jax.jit(make_update_fn(config, model, optimizer), donate_argnums=0,
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+  # --- checkpoint
+  manager = checkpoint_manager(workdir, config)
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  state = restore_checkpoint(manager, abstract_sharded, train_iter) or state
+
+  # --- evals
+  evaluator = retrieval.RetrievalEvaluator("retrieval", eval_split, ks=tuple(config.eval.ks),
+                                           chunk=config.eval.chunk)
+  embed_fns = make_embed_fns(model)
+
+  # --- loop
+  start_step = int(jax.device_get(state["step"]))
+  progress = tqdm.tqdm(total=config.total_steps, initial=start_step, disable=not is_chief,
+                       unit="step", dynamic_ncols=True, desc="train")
+  last_log_time, last_log_step, eval_seconds = time.perf_counter(), start_step, 0.0
+  results = {}
+  for step in range(start_step + 1, config.total_steps + 1):
+    batch = sharding.global_batch(next(train_iter), mesh)
+    state, metrics = update(state, batch)
+    progress.update(1)
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = jax.device_get(metrics)
+      if not math.isfinite(metrics["train/loss"]):
+        raise FloatingPointError(
+            f"non-finite train/loss={metrics['train/loss']} at step {step}; stopping without "
+            "saving this state (the last good checkpoint is kept)")
+      elapsed = time.perf_counter() - last_log_time - eval_seconds
+      metrics["train/pairs_per_sec"] = (step - last_log_step) * config.input.batch_size / elapsed
+      writer.write(step, metrics)
+      progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                           pairs_s=f"{metrics['train/pairs_per_sec']:.0f}")
+      last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
+    is_last = step == config.total_steps
+    if is_last or (config.eval_every and step % config.eval_every == 0):
+      eval_start = time.perf_counter()
+      results = run_evals(evaluator, embed_fns, state)
+      writer.write(step, results)
+      logging.info("step %d eval: %s", step, _eval_summary(results))
+      progress.write(f"step {step}: {_eval_summary(results)}")
+      eval_seconds += time.perf_counter() - eval_start
+    if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+      if not math.isfinite(float(jax.device_get(metrics["train/loss"]))):
+        raise FloatingPointError(f"non-finite train/loss at step {step}; not saving it")
+      save_checkpoint(manager, state, train_iter)
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if is_chief and results:
+    with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+  return results

@@ -1,0 +1,19 @@
+"""Test set-up shared by the suite: CPU only, a persistent compilation cache, quiet logs.
+
+Multi-device cases run in subprocesses with their own XLA_FLAGS (design §8.10), so the main
+test process keeps the machine's single CPU device.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402  (the environment above must be set first)
+
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("COTS_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "cots_jax_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
