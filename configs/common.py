@@ -57,19 +57,19 @@ def model_config(size="tiny"):
 
   m.image = ml_collections.ConfigDict()
   m.image.image_size = 48 if size == "tiny" else 224
-  m.image.patch_size = 6 if size == "tiny" else 16
-  m.image.width = 128 if size == "tiny" else 768
-  m.image.depth = 4 if size == "tiny" else 12
-  m.image.heads = 4 if size == "tiny" else 12
+  m.image.patch_size = 8 if size == "tiny" else 16
+  m.image.width = 192 if size == "tiny" else 768
+  m.image.depth = 3 if size == "tiny" else 12
+  m.image.heads = 3 if size == "tiny" else 12
   m.image.mlp_ratio = 4.0
   m.image.dropout = 0.0
   m.image.init = ""  # local path of pre-trained weights (public-weights issue); "" = scratch.
 
   m.text = ml_collections.ConfigDict()
   m.text.vocab_size = 30522
-  m.text.width = 128 if size == "tiny" else 768
-  m.text.depth = 4 if size == "tiny" else 12
-  m.text.heads = 4 if size == "tiny" else 12
+  m.text.width = 192 if size == "tiny" else 768
+  m.text.depth = 3 if size == "tiny" else 12
+  m.text.heads = 3 if size == "tiny" else 12
   m.text.mlp_ratio = 4.0
   m.text.max_positions = 64 if size == "tiny" else 512
   m.text.type_vocab_size = 2
@@ -125,7 +125,11 @@ def base_config(size="tiny"):
 
   c.queue = ml_collections.ConfigDict()
   c.queue.size = 4096 if size == "tiny" else 65_536
-  c.queue.in_batch_negatives = False  # BriVL: N x (1+K) logits, positive at index 0.
+  # False: BriVL's N x (1+K) logits, positive at index 0 (method §1.3.1, the paper-scale default).
+  # True (ALBEF): the batch's momentum keys are negatives too. The CPU default needs them: with
+  # queue-only negatives its ITC did not learn at all in 200 steps (retrieval at chance), because
+  # fresh positives are told apart from stale queued keys by age, not content (README).
+  c.queue.in_batch_negatives = size == "tiny"
   c.queue.multi_positive = False  # fine-tuning: every entry with the same image_id is a positive.
 
   c.momentum = ml_collections.ConfigDict()
@@ -161,7 +165,7 @@ def base_config(size="tiny"):
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 64 if size == "tiny" else 512  # global batch (pairs per step).
-  c.input.max_len = 40 if size == "tiny" else 30
+  c.input.max_len = 36 if size == "tiny" else 30  # synthetic captions: at most 36 tokens
   c.input.tokenizer = ""  # local tokenizer dir; "" = the shipped bert-base-uncased vocab.
   c.input.mlm_prob = 0.15
   c.input.mvm_prob = 0.4
@@ -186,11 +190,15 @@ def base_config(size="tiny"):
 
 def shrink_for_runlocal(config):
   """Shrinks a config in place to a smoke test of about a minute on a laptop CPU."""
+  for tower in (config.model.image, config.model.text):
+    tower.width, tower.depth, tower.heads = 64, 2, 2
+  config.model.embed_dim = 64
   config.total_steps = 120
   config.log_every = 20
   config.eval_every = 0
   config.checkpoint_every = 0
-  config.vq.steps = 150
+  config.vq.steps = 100
+  config.vq.codebook_size = 64
   config.vq.log_every = 50
   config.queue.size = 1024
   config.input.batch_size = 32

@@ -231,7 +231,7 @@ def make_update_fn(config, model, optimizer):
         "train/temp": aux["temp"],
         "train/lr": schedule(state["step"]),
         "train/momentum": decay,
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
     })
     return new_state, metrics
 

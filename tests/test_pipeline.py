@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 from configs import common
+from cots_jax.data import masking
 from cots_jax.data import pipeline
 from cots_jax.data import synthetic
 from cots_jax.data import tokenizer as tokenizer_lib
@@ -101,7 +102,9 @@ def test_load_tokenizer_from_a_local_directory(tokenizer, tmp_path):
 def test_train_batches_match_the_source_and_the_contract(tokenizer, caption_ids):
   config = _config()
   source = synthetic.SyntheticCaptions(NUM_IMAGES, "train", config.seed, 48)
-  L, P, N = 40, 6, 64  # max_len; ceil(0.15 * 40); (48 / 6)^2
+  L = config.input.max_len
+  P = masking.num_mlm_predictions(config.input.mlm_prob, L)
+  N = (config.model.image.image_size // config.model.image.patch_size) ** 2
   for batch in _take(pipeline.make_train_iterator(config), 3):
     expected = {"image": ((BATCH, 48, 48, 3), np.float32), "text_ids": ((BATCH, L), np.int32),
                 "text_mask": ((BATCH, L), np.int32), "image_id": ((BATCH,), np.int32),
@@ -249,9 +252,10 @@ def test_eval_split_pads_the_last_batch_and_maps_texts_to_images(tokenizer):
   ids = np.concatenate([b["text_ids"][b["valid"]] for b in text_batches])
   mask = np.concatenate([b["text_mask"][b["valid"]] for b in text_batches])
   for b in text_batches:
-    assert b["text_ids"].shape == b["text_mask"].shape == (7, 40)
+    assert b["text_ids"].shape == b["text_mask"].shape == (7, config.input.max_len)
     assert b["text_ids"].dtype == b["text_mask"].dtype == np.int32
-  expected_ids, expected_mask = tokenizer_lib.tokenize(tokenizer, split7.captions, 40)
+  expected_ids, expected_mask = tokenizer_lib.tokenize(tokenizer, split7.captions,
+                                                       config.input.max_len)
   np.testing.assert_array_equal(ids, expected_ids)
   np.testing.assert_array_equal(mask, expected_mask)
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from configs import common
 from cots_jax.data import synthetic
 from cots_jax.data import tokenizer as tokenizer_lib
 
-MAX_LEN = 40  # configs.common tiny input.max_len
+MAX_LEN = common.base_config("tiny").input.max_len
 
 # ----------------------------------------------------------------------------- test-side readers
 # Written from the caption wording and what a colour looks like, not from the module's tables.

@@ -1,0 +1,94 @@
+"""Config files, `:arg` parsing and validation (design §4.4, §8.4, §8.5)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import common
+from configs import pretrain
+from configs import vq_tokenizer
+from cots_jax import config_validation
+from cots_jax.models import cots as cots_model
+
+
+def test_parse_arg_types_flags_and_errors():
+  arg = common.parse_arg("runlocal,model=base,steps=7", runlocal=False, model="tiny", steps=1)
+  assert (arg.runlocal, arg.model, arg.steps) == (True, "base", 7)
+  assert common.parse_arg(None, runlocal=False).runlocal is False
+  assert common.parse_arg("runlocal=false", runlocal=True).runlocal is False
+  with pytest.raises(ValueError, match="'nope' is unknown"):
+    common.parse_arg("nope", runlocal=False)
+  with pytest.raises(ValueError, match="'steps': cannot parse 'x' as int"):
+    common.parse_arg("steps=x", steps=1)
+  with pytest.raises(ValueError, match="'model' needs a value"):
+    common.parse_arg("model", model="tiny")
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal", "model=base", "runlocal,model=base"])
+def test_config_variants_validate(arg):
+  config_validation.validate(pretrain.get_config(arg))
+
+
+def test_defaults_tiny_runlocal_and_base():
+  tiny, local, base = (pretrain.get_config(a) for a in (None, "runlocal", "model=base"))
+  assert tiny.model.image.width <= 256 and tiny.model.dtype == "float32"
+  assert local.total_steps < tiny.total_steps and local.input.data.num_eval_images == 100
+  assert tiny.input.data.num_eval_images == 500
+  assert (base.model.image.image_size, base.model.image.patch_size, base.model.image.width,
+          base.model.image.depth) == (224, 16, 768, 12)
+  assert (base.model.text.width, base.model.text.depth, base.model.text.vocab_size) == (
+      768, 12, 30522)
+  assert base.queue.size == 65_536 and base.model.dtype == "bfloat16"
+  assert vq_tokenizer.get_config().trainer == "vq"
+  with pytest.raises(ValueError, match="model='huge'"):
+    pretrain.get_config("model=huge")
+
+
+def test_base_model_has_vit_b16_and_bert_base_sizes():
+  config = pretrain.get_config("model=base")
+  model = cots_model.CotsModel.from_config(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                          jnp.zeros((1, 30), jnp.int32), jnp.ones((1, 30), jnp.int32))
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert 85e6 < count(shapes["params"]["image"]) < 87e6
+  assert 108e6 < count(shapes["params"]["text"]) < 110e6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("queue.size", 1000, r"config.queue.size=1000 must be a positive multiple of "
+                         r"config.input.batch_size=64"),
+    ("model.dtype", "float16", r"config.model.dtype='float16' must be one of"),
+    ("kl.direction", "up", r"config.kl.direction='up'"),
+    ("model.image.image_size", 50, r"config.model.image.image_size=50 must be a multiple"),
+    ("model.text.heads", 5, r"config.model.text.width=192 must be divisible"),
+    ("input.max_len", 100, r"config.input.max_len=100 exceeds"),
+    ("total_steps", 0, r"config.total_steps=0 must be a positive integer"),
+    ("loss.mlm", -1.0, r"config.loss.mlm=-1.0 must be a finite number >= 0"),
+    ("momentum.decay", 1.5, r"config.momentum.decay=1.5 must lie in \[0, 1\]"),
+    ("temp.init", 0.9, r"config.temp.init=0.9 must lie in"),
+    ("optim.warmup_steps", 5000, r"config.optim.warmup_steps=5000 must be smaller"),
+])
+def test_invalid_values_fail_with_one_line_naming_the_field(field, value, message):
+  config = pretrain.get_config()
+  *groups, last = field.split(".")
+  node = config
+  for group in groups:
+    node = node[group]
+  node[last] = value
+  with pytest.raises(ValueError, match=message) as error:
+    config_validation.validate(config)
+  assert "\n" not in str(error.value)
+
+
+def test_all_loss_weights_zero_is_refused():
+  config = pretrain.get_config()
+  config.loss.update(itc=0.0, mlm=0.0, mvm=0.0, kl_align=0.0)
+  with pytest.raises(ValueError, match="config.loss="):
+    config_validation.validate(config)
+
+
+def test_amf_warmup_fraction_or_steps():
+  config = pretrain.get_config()
+  assert config_validation.amf_warmup_steps(config) == round(0.1 * config.total_steps)
+  config.amf.warmup_steps = 30
+  assert config_validation.amf_warmup_steps(config) == 30

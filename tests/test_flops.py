@@ -1,0 +1,67 @@
+"""The analytic FLOP model against XLA's compiled cost analysis of the real computations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import common
+from cots_jax import flops
+from cots_jax import train
+from cots_jax import vq_trainer
+from cots_jax.models import cots as cots_model
+from cots_jax.models import vit
+
+
+def _config():
+  config = common.base_config("tiny")
+  config.model.image.image_size, config.model.image.patch_size = 32, 8
+  config.model.image.width = config.model.text.width = 128
+  config.model.image.depth = config.model.text.depth = 2
+  config.model.image.heads = config.model.text.heads = 4
+  config.model.text.vocab_size = 1000
+  config.input.batch_size, config.queue.size = 8, 64
+  return config
+
+
+def _xla_flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def test_transformer_forward_flops_counts_the_matmuls():
+  tokens, width, depth, ratio = 17, 64, 2, 4.0
+  expected = depth * (2 * tokens * width * 3 * width + 2 * tokens * tokens * width * 2
+                      + 2 * tokens * width * width + 2 * 2 * tokens * width * ratio * width)
+  assert flops.transformer_forward_flops(tokens, width, depth, ratio) == expected
+
+
+def test_image_tower_flops_match_xla_within_ten_percent():
+  config = _config()
+  model = vit.ViT.from_config(config.model.image, jnp.float32)
+  images = jnp.zeros((1, 32, 32, 3))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  xla = _xla_flops(lambda p, x: model.apply(p, x), params, images)
+  assert flops.image_tower_forward_flops(config) == pytest.approx(xla, rel=0.1)
+
+
+@pytest.mark.parametrize("weights", [{}, {"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}])
+def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
+  config = _config()
+  config.loss.update(weights)
+  model = cots_model.CotsModel.from_config(config)
+  optimizer = train.make_optimizer(config)
+  vq_vars = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(0))
+  state = jax.eval_shape(functools.partial(train.init_state, config, model, optimizer), vq_vars,
+                         jax.random.PRNGKey(0))
+  b, size, length = config.input.batch_size, 32, config.input.max_len
+  batch = {"image": jnp.zeros((b, size, size, 3)), "text_ids": jnp.zeros((b, length), jnp.int32),
+           "text_mask": jnp.ones((b, length), jnp.int32), "image_id": jnp.arange(b),
+           "mlm_ids": jnp.zeros((b, length), jnp.int32),
+           "mlm_positions": jnp.zeros((b, 6), jnp.int32),
+           "mlm_targets": jnp.zeros((b, 6), jnp.int32), "mlm_weights": jnp.ones((b, 6)),
+           "mvm_mask": jnp.arange(16)[None].repeat(b, 0) < 6}
+  xla = _xla_flops(train.make_update_fn(config, model, optimizer), state, batch) / b
+  parts = flops.cots_step_flops_per_pair(config)
+  assert parts["total"] == pytest.approx(xla, rel=0.15)
+  assert ("masked_text" in parts) == ("mlm" not in weights)

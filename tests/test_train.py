@@ -1,0 +1,174 @@
+"""The update step (design §3) and the trainer end to end (`:runlocal` through `cots_jax.main`)."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from cots_jax import train
+from cots_jax import vq_trainer
+from cots_jax.data import pipeline
+from cots_jax.metrics_writer import read_metrics
+from cots_jax.models import cots as cots_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**loss_weights):
+  """A model small enough to compile in seconds, with batch 8 and a queue of 32."""
+  config = common.base_config("tiny")
+  config.model.embed_dim = 16
+  for tower in (config.model.image, config.model.text):
+    tower.width, tower.depth, tower.heads = 32, 1, 2
+  config.model.image.image_size, config.model.image.patch_size = 24, 8
+  config.vq.codebook_size, config.vq.hidden = 16, 16
+  config.input.batch_size, config.queue.size = 8, 32
+  config.input.data.num_train_images = 40
+  config.input.mvm_min_block = 2
+  config.total_steps, config.optim.warmup_steps = 10, 2
+  config.loss.update(loss_weights)
+  return config
+
+
+def build(config):
+  """(state, update fn before jit, first 3 batches) for `config`."""
+  model = cots_model.CotsModel.from_config(config)
+  optimizer = train.make_optimizer(config)
+  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
+  state = jax.jit(functools.partial(train.init_state, config, model, optimizer))(
+      vq_variables, jax.random.PRNGKey(0))
+  batches = [next(iterator) for iterator in [pipeline.make_train_iterator(config)] for _ in range(3)]
+  return state, train.make_update_fn(config, model, optimizer), batches
+
+
+@pytest.fixture(scope="module")
+def full_objective():
+  return build(tiny_config())
+
+
+def test_update_compiles_once_and_moves_every_part_of_the_state(full_objective):
+  state, update_fn, batches = full_objective
+  config = tiny_config()
+  update = jax.jit(chex.assert_max_traces(update_fn, n=1))
+  params0 = jax.device_get(state["params"])
+  ema0 = jax.device_get(state["params_ema"])
+  new_state, metrics = update(state, batches[0])
+  # Momentum towers move before the key forward: ema1 = m * ema0 + (1 - m) * params0.
+  m = config.momentum.decay
+  chex.assert_trees_all_close(new_state["params_ema"],
+                              jax.tree.map(lambda e, p: m * e + (1 - m) * p, ema0, params0),
+                              rtol=1e-5, atol=1e-7)
+  assert int(new_state["step"]) == 1
+  batch_size = config.input.batch_size
+  queue = jax.device_get(new_state["queue"])
+  assert int(queue["ptr"]) == batch_size
+  np.testing.assert_array_equal(queue["idx"][:batch_size], batches[0]["image_id"])
+  assert queue["valid"][:batch_size].all() and not queue["valid"][batch_size:].any()
+  np.testing.assert_allclose(np.linalg.norm(queue["img"][:batch_size], axis=-1), 1, rtol=1e-5)
+  for name in ("loss", "itc", "kl_align", "mlm", "mvm", "amf_kept", "temp", "lr", "grad_norm"):
+    assert np.isfinite(float(metrics[f"train/{name}"])), name
+  assert float(metrics["train/temp"]) == pytest.approx(config.temp.init)
+  for batch in batches[1:]:  # same shapes: no retrace (chex raises on a second trace)
+    new_state, metrics = update(new_state, batch)
+  assert int(new_state["step"]) == 3
+  assert int(jax.device_get(new_state["queue"]["ptr"])) == 3 * batch_size
+
+
+def test_queue_keys_are_the_momentum_embeddings_of_the_batch(full_objective):
+  state, update_fn, batches = full_objective
+  config = tiny_config()
+  model = cots_model.CotsModel.from_config(config)
+  new_state, _ = jax.jit(update_fn)(state, batches[0])
+  ema = new_state["params_ema"]
+  image_cls = model.apply({"params": ema}, batches[0]["image"], method=model.encode_image)[:, 0]
+  expected = model.apply({"params": ema}, image_cls, method=model.embed_image)
+  np.testing.assert_allclose(new_state["queue"]["img"][:config.input.batch_size], expected,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_total_loss_is_the_weighted_sum_and_zero_weights_skip_terms():
+  weights = dict(itc=1.0, mlm=0.5, mvm=0.0, kl_align=2.0)
+  state, update_fn, batches = build(tiny_config(**weights))
+  _, metrics = jax.jit(update_fn)(state, batches[0])
+  assert "train/mvm" not in metrics
+  expected = sum(w * float(metrics[f"train/{k}"]) for k, w in weights.items() if w > 0)
+  assert float(metrics["train/loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_learnable_temperature_is_clamped_and_trained():
+  config = tiny_config(mlm=0.0, mvm=0.0)
+  config.temp.learnable, config.temp.init, config.temp.max = True, 0.5, 0.5
+  state, update_fn, batches = build(config)
+  state, metrics = jax.jit(update_fn)(state, batches[0])
+  assert float(metrics["train/temp"]) == pytest.approx(0.5)
+  assert "temp" in state["params"] and "temp" in state["params_ema"]
+
+
+def test_masked_patch_positions_lists_the_true_entries_in_order():
+  mask = np.zeros((3, 10), bool)
+  mask[0, [1, 4, 9]] = mask[1, [0, 1, 2]] = mask[2, [3, 5, 7]] = True
+  got = np.asarray(train.masked_patch_positions(jnp.asarray(mask), 3))
+  np.testing.assert_array_equal(got, [[1, 4, 9], [0, 1, 2], [3, 5, 7]])
+
+
+def test_weight_decay_mask_spares_biases_norms_and_position_embeddings():
+  params = {"text": {"embeddings": {"position_embeddings": {"embedding": jnp.ones((4, 2))},
+                                    "word_embeddings": {"embedding": jnp.ones((9, 2))}},
+                     "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+                     "LayerNorm": {"scale": jnp.ones(2)}},
+            "image": {"pos_embed": jnp.ones((1, 5, 2)), "cls": jnp.ones((1, 1, 2))}}
+  mask = train.weight_decay_mask(params)
+  assert mask["text"]["dense"]["kernel"] and mask["text"]["embeddings"]["word_embeddings"]["embedding"]
+  assert not mask["text"]["dense"]["bias"] and not mask["text"]["LayerNorm"]["scale"]
+  assert not mask["text"]["embeddings"]["position_embeddings"]["embedding"]
+  assert not mask["image"]["pos_embed"] and not mask["image"]["cls"]
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_end_lr():
+  config = tiny_config()
+  schedule = train.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
+  assert float(schedule(config.total_steps)) == pytest.approx(config.optim.end_lr)
+
+
+@pytest.fixture(scope="module")
+def runlocal_workdir(tmp_path_factory):
+  """`python -m cots_jax.main --config=configs/pretrain.py:runlocal` in a fresh workdir."""
+  workdir = tmp_path_factory.mktemp("runlocal")
+  result = subprocess.run(
+      [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
+       f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, result
+
+
+def test_runlocal_trains_logs_evaluates_and_checkpoints(runlocal_workdir):
+  workdir, result = runlocal_workdir
+  assert "training a VQ tokenizer" in result.stdout
+  records = read_metrics(workdir)
+  train_records = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train_records] == list(range(20, 121, 20))
+  for key in ("train/loss", "train/itc", "train/kl_align", "train/mlm", "train/mvm",
+              "train/amf_kept", "train/lr", "train/temp", "train/pairs_per_sec"):
+    assert all(np.isfinite(r[key]) for r in train_records), key
+  assert train_records[-1]["train/mlm"] < 0.8 * train_records[0]["train/mlm"]
+  final = json.loads((workdir / "final_eval.json").read_text())
+  for name in ("retrieval", "retrieval_momentum"):
+    for metric in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+                   "i2t_medr", "t2i_medr"):
+      assert f"eval/{name}/{metric}" in final
+  assert os.listdir(workdir / "checkpoints") == ["120"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 120
+  vq_quality = next(r for r in records if "vq/eval_perplexity" in r)
+  assert vq_quality["vq/eval_recon_mse"] < vq_quality["vq/eval_mean_colour_mse"]
