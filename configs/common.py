@@ -54,6 +54,11 @@ def model_config(size="tiny"):
   # Source of that global vector: online ([CLS] of the clean pass) or momentum ([CLS] of the EMA pass).
   m.mvlm_global_src = "online"
   m.mvlm_global_stopgrad = False
+  # Global vector of each tower (embeddings and MVLM conditioning): "cls" ([CLS] state, method
+  # §1.2, the paper-scale default) or "mean" (mean of the patch / real-token states). Towers
+  # trained from scratch start with a near-constant [CLS] state, and the CPU default's ITC did not
+  # leave chance in 200 steps with it; with "mean" it did (README).
+  m.pool = "mean" if size == "tiny" else "cls"
 
   m.image = ml_collections.ConfigDict()
   m.image.image_size = 48 if size == "tiny" else 224
@@ -83,7 +88,7 @@ def vq_config(size="tiny"):
   """The VQ tokenizer whose codes are the MVM targets (design §8.1: one code per ViT patch)."""
   v = ml_collections.ConfigDict()
   v.init = ""  # workdir or directory of a trained tokenizer; "" = train one first (`steps`).
-  v.steps = 600 if size == "tiny" else 20_000
+  v.steps = 400 if size == "tiny" else 20_000
   v.codebook_size = 256 if size == "tiny" else 8192
   v.code_dim = 32
   v.hidden = 128 if size == "tiny" else 256
@@ -104,10 +109,11 @@ def base_config(size="tiny"):
   c = ml_collections.ConfigDict()
   c.trainer = "cots"  # cots | vq (configs/vq_tokenizer.py)
   c.seed = 0
-  c.total_steps = 1500 if size == "tiny" else 200_000
+  # The CPU default is sized to finish within 15 minutes on 2 cores (about 35 pairs/s).
+  c.total_steps = 400 if size == "tiny" else 200_000
   c.log_every = 50 if size == "tiny" else 100
-  c.eval_every = 500 if size == "tiny" else 5000  # 0 = only at the end.
-  c.checkpoint_every = 500 if size == "tiny" else 5000  # 0 = only the final state.
+  c.eval_every = 200 if size == "tiny" else 5000  # 0 = only at the end.
+  c.checkpoint_every = 200 if size == "tiny" else 5000  # 0 = only the final state.
   c.keep_checkpoints = 3
   c.init_from = ""
 
@@ -157,7 +163,7 @@ def base_config(size="tiny"):
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3 if size == "tiny" else 1e-4
   c.optim.end_lr = 1e-5 if size == "tiny" else 1e-6
-  c.optim.warmup_steps = 100 if size == "tiny" else 1000
+  c.optim.warmup_steps = 40 if size == "tiny" else 1000
   c.optim.weight_decay = 0.02
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999

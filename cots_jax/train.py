@@ -140,8 +140,11 @@ def make_update_fn(config, model, optimizer):
 
   def encode(params, batch, rng=None):
     """Clean forward of both towers -> (v [B,E], t [B,E], image [CLS] [B,Di], text [CLS] [B,Dt])."""
-    img_cls = apply(params, model.encode_image, batch["image"], rng=rng)[:, 0]
-    txt_cls = apply(params, model.encode_text, batch["text_ids"], batch["text_mask"], rng=rng)[:, 0]
+    img_cls = apply(params, model.image_global,
+                    apply(params, model.encode_image, batch["image"], rng=rng))
+    txt_cls = apply(params, model.text_global,
+                    apply(params, model.encode_text, batch["text_ids"], batch["text_mask"], rng=rng),
+                    batch["text_mask"])
     return (apply(params, model.embed_image, img_cls), apply(params, model.embed_text, txt_cls),
             img_cls, txt_cls)
 
@@ -275,12 +278,14 @@ def make_embed_fns(model):
 
   @jax.jit
   def embed_images(params, image):
-    cls = model.apply({"params": params}, image, method=model.encode_image)[:, 0]
+    tokens = model.apply({"params": params}, image, method=model.encode_image)
+    cls = model.apply({"params": params}, tokens, method=model.image_global)
     return model.apply({"params": params}, cls, method=model.embed_image)
 
   @jax.jit
   def embed_texts(params, text_ids, text_mask):
-    cls = model.apply({"params": params}, text_ids, text_mask, method=model.encode_text)[:, 0]
+    hidden = model.apply({"params": params}, text_ids, text_mask, method=model.encode_text)
+    cls = model.apply({"params": params}, hidden, text_mask, method=model.text_global)
     return model.apply({"params": params}, cls, method=model.embed_text)
 
   return embed_images, embed_texts

@@ -464,3 +464,29 @@ def test_hf_param_name_examples_and_errors():
       "embeddings.word_embeddings.weight")
   with pytest.raises(ValueError, match="no Hugging Face name for parameter 'a/b/mean'"):
     bert_lib.hf_param_name(("a", "b", "mean"))
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_global_vectors_are_cls_or_masked_means(pool):
+  config = _tiny_config(pool=pool)
+  model = CotsModel.from_config(config)
+  batch = _batch()
+  params = _init(model, batch["image"], batch["text_ids"], batch["text_mask"])
+  image_tokens = np.asarray(_apply(model, params, batch["image"], method="encode_image"))
+  text_tokens = np.asarray(_apply(model, params, batch["text_ids"], batch["text_mask"],
+                                  method="encode_text"))
+  mask = batch["text_mask"][..., None].astype(np.float32)
+  if pool == "cls":
+    expected_image, expected_text = image_tokens[:, 0], text_tokens[:, 0]
+  else:
+    expected_image = image_tokens[:, 1:].mean(axis=1)
+    expected_text = (text_tokens * mask).sum(axis=1) / mask.sum(axis=1)
+  np.testing.assert_allclose(_apply(model, params, image_tokens, method="image_global"),
+                             expected_image, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      _apply(model, params, text_tokens, batch["text_mask"], method="text_global"),
+      expected_text, rtol=1e-5, atol=1e-6)
+  out = _apply(model, params, batch["image"], batch["text_ids"], batch["text_mask"])
+  np.testing.assert_allclose(out["text_embed"],
+                             _apply(model, params, expected_text, method="embed_text"),
+                             rtol=1e-5, atol=1e-6)

@@ -122,6 +122,21 @@ class CotsModel(nn.Module):
     """ids `[B, L]` int32, mask `[B, L]` (1 = real token) -> hidden `[B, L, Dt]`."""
     return self.text(ids, mask, train)
 
+  def image_global(self, tokens):
+    """Global image vector `[B, Di]` from tokens `[B, 1+N, Di]`: the [CLS] state, or the mean of
+    the patch states when `model.pool == "mean"`."""
+    if self.model.pool == "mean":
+      return jnp.mean(tokens[:, 1:], axis=1)
+    return tokens[:, 0]
+
+  def text_global(self, hidden, mask):
+    """Global text vector `[B, Dt]` from hidden `[B, L, Dt]`, mask `[B, L]`: the [CLS] state, or
+    the mean over real tokens when `model.pool == "mean"`."""
+    if self.model.pool == "mean":
+      weights = mask.astype(hidden.dtype)[..., None]
+      return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+    return hidden[:, 0]
+
   def embed_image(self, cls):
     """Image [CLS] `[B, Di]` -> L2-normalised float32 embedding `[B, E]`."""
     return l2_normalize(self.image_proj(cls))
@@ -148,11 +163,13 @@ class CotsModel(nn.Module):
     """
     image_tokens = self.encode_image(image, mvm_mask, train)
     text_tokens = self.encode_text(text_ids, text_mask, train)
+    image_global = self.image_global(image_tokens)
+    text_global = self.text_global(text_tokens, text_mask)
     return {
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
-        "image_embed": self.embed_image(image_tokens[:, 0]),
-        "text_embed": self.embed_text(text_tokens[:, 0]),
-        "mlm_logits": self.mlm_logits(text_tokens, image_tokens[:, 0]),
-        "mvm_logits": self.mvm_logits(image_tokens[:, 1:], text_tokens[:, 0]),
+        "image_embed": self.embed_image(image_global),
+        "text_embed": self.embed_text(text_global),
+        "mlm_logits": self.mlm_logits(text_tokens, image_global),
+        "mvm_logits": self.mvm_logits(image_tokens[:, 1:], text_global),
     }
