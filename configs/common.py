@@ -59,6 +59,7 @@ def model_config(size="tiny"):
   # trained from scratch start with a near-constant [CLS] state, and the CPU default's ITC did not
   # leave chance in 200 steps with it; with "mean" it did (README).
   m.pool = "mean" if size == "tiny" else "cls"
+  m.remat = False  # rematerialise the tower blocks in the backward pass (memory for FLOPs)
 
   m.image = ml_collections.ConfigDict()
   m.image.image_size = 48 if size == "tiny" else 224
@@ -186,6 +187,8 @@ def base_config(size="tiny"):
   c.input.data.num_eval_images = 500
 
   c.mesh = [("data", -1)]
+  # [(regex, spec)] over "/"-joined state paths; the first match wins, the rest is replicated.
+  c.sharding_rules = []
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250

@@ -101,6 +101,21 @@ def init_state(config, model, optimizer, vq_variables, rng):
   }
 
 
+def create_state(config, model, optimizer, vq_variables, mesh):
+  """Shapes first, then shardings from `config.sharding_rules`, then a jitted init with
+  `out_shardings`, so no state is ever whole on one device (design §3).
+
+  Returns:
+    (state, state_shardings, abstract_state).
+  """
+  init_fn = functools.partial(init_state, config, model, optimizer)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, vq_variables, rng)
+  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
+  state = jax.jit(init_fn, out_shardings=state_shardings)(vq_variables, rng)
+  return state, state_shardings, abstract
+
+
 # --------------------------------------------------------------------------------- update step
 
 
@@ -241,6 +256,12 @@ def make_update_fn(config, model, optimizer):
   return update
 
 
+def jit_update(config, model, optimizer, mesh, state_shardings):
+  """`make_update_fn` jitted with the state donated and its shardings kept."""
+  return jax.jit(make_update_fn(config, model, optimizer), donate_argnums=0,
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+
 # ---------------------------------------------------------------------------------- checkpoint
 
 
@@ -347,17 +368,12 @@ def train_and_evaluate(config, workdir):
   # --- model & state
   model = cots_model.CotsModel.from_config(config)
   optimizer = make_optimizer(config)
-  init_fn = functools.partial(init_state, config, model, optimizer)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, vq_variables, rng)
-  state_shardings = sharding.tree_shardings(abstract, mesh, config.get("sharding_rules", ()))
-  state = jax.jit(init_fn, out_shardings=state_shardings)(vq_variables, rng)
+  state, state_shardings, abstract = create_state(config, model, optimizer, vq_variables, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
   logging.info("COTS model: %.2fM parameters (online towers + heads)", num_params / 1e6)
 
   # --- update step
-  update = jax.jit(make_update_fn(config, model, optimizer), donate_argnums=0,
-                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+  update = jit_update(config, model, optimizer, mesh, state_shardings)
 
   # --- checkpoint
   manager = checkpoint_manager(workdir, config)

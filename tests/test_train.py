@@ -88,8 +88,9 @@ def test_queue_keys_are_the_momentum_embeddings_of_the_batch(full_objective):
   model = cots_model.CotsModel.from_config(config)
   new_state, _ = jax.jit(update_fn)(state, batches[0])
   ema = new_state["params_ema"]
-  image_cls = model.apply({"params": ema}, batches[0]["image"], method=model.encode_image)[:, 0]
-  expected = model.apply({"params": ema}, image_cls, method=model.embed_image)
+  tokens = model.apply({"params": ema}, batches[0]["image"], method=model.encode_image)
+  image_global = model.apply({"params": ema}, tokens, method=model.image_global)
+  expected = model.apply({"params": ema}, image_global, method=model.embed_image)
   np.testing.assert_allclose(new_state["queue"]["img"][:config.input.batch_size], expected,
                              rtol=1e-4, atol=1e-5)
 

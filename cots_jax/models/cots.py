@@ -105,7 +105,7 @@ class CotsModel(nn.Module):
   def setup(self):
     m = self.model
     dtype = dtype_from_name(m.dtype)
-    remat = m.get("remat", False)
+    remat = m.remat
     self.image = ViT.from_config(m.image, dtype, remat)
     self.text = Bert.from_config(m.text, dtype, remat)
     self.image_proj = nn.Dense(m.embed_dim, dtype=dtype)

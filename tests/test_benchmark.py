@@ -1,0 +1,40 @@
+"""The train-step benchmark: its GEMM shape, peak measurement and result fields."""
+
+import pytest
+
+from configs import common
+from cots_jax import flops
+from cots_jax.benchmarks import train_step
+
+
+def _config():
+  config = common.base_config("tiny")
+  config.model.image.image_size, config.model.image.patch_size = 24, 8
+  for tower in (config.model.image, config.model.text):
+    tower.width, tower.depth, tower.heads = 32, 1, 2
+  config.model.embed_dim, config.vq.codebook_size, config.vq.hidden = 16, 16, 16
+  config.input.batch_size, config.queue.size = 8, 32
+  config.input.data.num_train_images = 40
+  config.input.mvm_min_block = 2
+  return config
+
+
+def test_largest_gemm_is_the_bigger_tower_mlp():
+  config = _config()
+  config.input.max_len = 36
+  assert train_step.largest_gemm(config) == (8 * 36, 32, 128)  # 36 text tokens > 10 image tokens
+
+
+def test_matmul_peak_is_a_positive_rate():
+  assert train_step.matmul_peak((64, 32, 48), "float32", repeats=3) > 1e6
+
+
+def test_benchmark_reports_consistent_figures():
+  config = _config()
+  results = train_step.benchmark(config, warmup_steps=1, timed_steps=2)
+  assert results["analytic_flops_per_pair"] == flops.cots_step_flops_per_pair(config)["total"]
+  assert results["pairs_per_sec"] == pytest.approx(8 / results["step_seconds_median"])
+  assert results["mfu"] == pytest.approx(
+      results["analytic_flops_per_pair"] * results["pairs_per_sec"]
+      / results["peak_flops_per_sec"])
+  assert results["xla_flops_per_pair"] > 0
