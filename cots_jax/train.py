@@ -148,27 +148,30 @@ def make_update_fn(config, model, optimizer):
   weights = config.loss
   schedule = learning_rate_schedule(config)
 
+  dropout = config.model.image.dropout > 0 or config.model.text.dropout > 0
+
   def apply(params, method, *args, rng=None):
-    train = config.model.image.dropout > 0 or config.model.text.dropout > 0
-    rngs = {"dropout": rng} if train and rng is not None else None
-    return model.apply({"params": params}, *args, method=method, rngs=rngs)
+    """A model method; tower passes given an `rng` run in train mode (dropout) when configured."""
+    if dropout and rng is not None:
+      return model.apply({"params": params}, *args, method=method, rngs={"dropout": rng},
+                         train=True)
+    return model.apply({"params": params}, *args, method=method)
 
   def encode(params, batch, rng=None):
-    """Clean forward of both towers -> (v [B,E], t [B,E], image [CLS] [B,Di], text [CLS] [B,Dt])."""
-    img_cls = apply(params, model.image_global,
-                    apply(params, model.encode_image, batch["image"], rng=rng))
-    txt_cls = apply(params, model.text_global,
-                    apply(params, model.encode_text, batch["text_ids"], batch["text_mask"], rng=rng),
-                    batch["text_mask"])
-    return (apply(params, model.embed_image, img_cls), apply(params, model.embed_text, txt_cls),
-            img_cls, txt_cls)
+    """Clean forward of both towers -> (v [B,E], t [B,E], image global [B,Di], text global [B,Dt])."""
+    rng_image, rng_text = jax.random.split(rng) if rng is not None else (None, None)
+    v, img_global = apply(params, model.image_embedding, batch["image"], rng=rng_image)
+    t, txt_global = apply(params, model.text_embedding, batch["text_ids"], batch["text_mask"],
+                          rng=rng_text)
+    return v, t, img_global, txt_global
 
   def loss_fn(params, params_ema, state, batch, rng):
     temp = (losses.clamp_temperature(params["temp"], config.temp.min, config.temp.max)
             if config.temp.learnable else jnp.float32(config.temp.init))
     rng_clean, rng_mlm, rng_mvm = jax.random.split(rng, 3)
-    v, t, img_cls, txt_cls = encode(params, batch, rng_clean)
-    v_m, t_m, img_cls_m, txt_cls_m = jax.tree.map(jax.lax.stop_gradient, encode(params_ema, batch))
+    v, t, img_global, txt_global = encode(params, batch, rng_clean)
+    v_m, t_m, img_global_m, txt_global_m = jax.tree.map(jax.lax.stop_gradient,
+                                                        encode(params_ema, batch))
 
     # Adaptive momentum filter: per-pair weights from the momentum pair similarity (design §8.2).
     scores = jnp.sum(v_m * t_m, axis=-1)
@@ -200,8 +203,8 @@ def make_update_fn(config, model, optimizer):
       terms["kl_align"] = losses.weighted_mean(per_pair, pair_w)
 
     use_momentum_global = config.model.mvlm_global_src == "momentum"
-    image_global = img_cls_m if use_momentum_global else img_cls
-    text_global = txt_cls_m if use_momentum_global else txt_cls
+    image_global = img_global_m if use_momentum_global else img_global
+    text_global = txt_global_m if use_momentum_global else txt_global
     if config.model.mvlm_global_stopgrad:
       image_global, text_global = map(jax.lax.stop_gradient, (image_global, text_global))
     if weights.mlm > 0:
@@ -299,15 +302,11 @@ def make_embed_fns(model):
 
   @jax.jit
   def embed_images(params, image):
-    tokens = model.apply({"params": params}, image, method=model.encode_image)
-    cls = model.apply({"params": params}, tokens, method=model.image_global)
-    return model.apply({"params": params}, cls, method=model.embed_image)
+    return model.apply({"params": params}, image, method=model.image_embedding)[0]
 
   @jax.jit
   def embed_texts(params, text_ids, text_mask):
-    hidden = model.apply({"params": params}, text_ids, text_mask, method=model.encode_text)
-    cls = model.apply({"params": params}, hidden, text_mask, method=model.text_global)
-    return model.apply({"params": params}, cls, method=model.embed_text)
+    return model.apply({"params": params}, text_ids, text_mask, method=model.text_embedding)[0]
 
   return embed_images, embed_texts
 

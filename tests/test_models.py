@@ -490,3 +490,10 @@ def test_global_vectors_are_cls_or_masked_means(pool):
   np.testing.assert_allclose(out["text_embed"],
                              _apply(model, params, expected_text, method="embed_text"),
                              rtol=1e-5, atol=1e-6)
+  embedding, image_global = _apply(model, params, batch["image"], method="image_embedding")
+  np.testing.assert_allclose(image_global, expected_image, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(embedding, out["image_embed"], rtol=1e-5, atol=1e-6)
+  embedding, text_global = _apply(model, params, batch["text_ids"], batch["text_mask"],
+                                  method="text_embedding")
+  np.testing.assert_allclose(text_global, expected_text, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(embedding, out["text_embed"], rtol=1e-5, atol=1e-6)

@@ -137,12 +137,22 @@ class CotsModel(nn.Module):
       return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
     return hidden[:, 0]
 
+  def image_embedding(self, image, train=False):
+    """image `[B, H, W, 3]` -> (L2-normalised embedding `[B, E]`, global vector `[B, Di]`)."""
+    image_global = self.image_global(self.encode_image(image, None, train))
+    return self.embed_image(image_global), image_global
+
+  def text_embedding(self, ids, mask, train=False):
+    """ids, mask `[B, L]` -> (L2-normalised embedding `[B, E]`, global vector `[B, Dt]`)."""
+    text_global = self.text_global(self.encode_text(ids, mask, train), mask)
+    return self.embed_text(text_global), text_global
+
   def embed_image(self, cls):
-    """Image [CLS] `[B, Di]` -> L2-normalised float32 embedding `[B, E]`."""
+    """Image global vector `[B, Di]` -> L2-normalised float32 embedding `[B, E]`."""
     return l2_normalize(self.image_proj(cls))
 
   def embed_text(self, cls):
-    """Text [CLS] `[B, Dt]` -> L2-normalised float32 embedding `[B, E]`."""
+    """Text global vector `[B, Dt]` -> L2-normalised float32 embedding `[B, E]`."""
     return l2_normalize(self.text_proj(cls))
 
   def mlm_logits(self, hidden_at_masked, image_global):
