@@ -89,7 +89,7 @@ def vq_config(size="tiny"):
   """The VQ tokenizer whose codes are the MVM targets (design §8.1: one code per ViT patch)."""
   v = ml_collections.ConfigDict()
   v.init = ""  # workdir or directory of a trained tokenizer; "" = train one first (`steps`).
-  v.steps = 400 if size == "tiny" else 20_000
+  v.steps = 200 if size == "tiny" else 20_000
   v.codebook_size = 256 if size == "tiny" else 8192
   v.code_dim = 32
   v.hidden = 128 if size == "tiny" else 256
@@ -182,13 +182,32 @@ def base_config(size="tiny"):
   c.input.mvm_prob = 0.4
   c.input.mvm_mask = "block"  # block (BEiT) | random
   c.input.mvm_min_block = 4 if size == "tiny" else 16
+  # Training images: "crop_flip" (random-resized crop + horizontal flip, for photos) or "none"
+  # (resize + centre crop, as at eval; the synthetic captions name positions and sides).
+  c.input.augment = "none"
+  c.input.crop_scale = (0.5, 1.0)  # area fraction of the random-resized crop
+  c.input.flip_prob = 0.5
+  # An unreadable image or an empty caption: "skip" (count it in data/skipped) or "fail".
   c.input.on_bad_example = "skip"
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
-  c.input.prefetch = 2
+  c.input.prefetch = 2  # batches read ahead by threads; 0 = synchronous
   c.input.data = ml_collections.ConfigDict()
-  c.input.data.name = "synthetic"
-  c.input.data.num_train_images = 20_000
-  c.input.data.num_eval_images = 500
+  c.input.data.name = "synthetic"  # synthetic | captions_json | tfds
+  c.input.data.num_train_images = 20_000  # synthetic only
+  c.input.data.num_eval_images = 500  # synthetic only
+  # captions_json: Karpathy-style json + image folder (Flickr8k / Flickr30k / COCO).
+  c.input.data.annotations = ""
+  c.input.data.images_dir = ""
+  c.input.data.train_splits = ("train",)  # add "restval" for Karpathy's COCO train set
+  c.input.data.eval_split = "test"
+  # tfds: an image-caption dataset laid out like coco_captions, read by tfds.data_source.
+  c.input.data.tfds_name = ""
+  c.input.data.tfds_data_dir = ""
+  c.input.data.tfds_train_split = "train"
+  c.input.data.tfds_eval_split = "test"
+  c.input.data.image_key = "image"
+  c.input.data.captions_key = "captions"
+  c.input.data.caption_text_key = ""  # coco_captions: "text" (captions are dicts)
 
   c.mesh = [("data", -1)]
   # [(regex, spec)] over "/"-joined state paths; the first match wins, the rest is replicated.

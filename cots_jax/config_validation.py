@@ -16,8 +16,9 @@ CHOICES = {
     "momentum.schedule": ("constant", "cosine"),
     "kl.direction": ("sym", "i2t_to_t2i", "t2i_to_i2t"),
     "input.mvm_mask": ("block", "random"),
-    "input.on_bad_example": ("skip", "error"),
-    "input.data.name": ("synthetic",),
+    "input.augment": ("none", "crop_flip"),
+    "input.on_bad_example": ("skip", "fail"),
+    "input.data.name": ("synthetic", "captions_json", "tfds"),
 }
 POSITIVE_INTS = (
     "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
@@ -33,7 +34,9 @@ NON_NEGATIVE = (
     "input.num_workers", "input.prefetch", "amf.warmup_steps",
 )
 UNIT_INTERVAL = ("loss.itc_alpha", "momentum.decay", "momentum.final_decay", "amf.beta",
-                 "input.mlm_prob", "input.mvm_prob", "vq.ema_decay")
+                 "input.mlm_prob", "input.mvm_prob", "input.flip_prob", "vq.ema_decay")
+# Fields a data source cannot do without.
+REQUIRED_DATA_FIELDS = {"captions_json": ("annotations", "images_dir"), "tfds": ("tfds_name",)}
 
 
 def _get(config, dotted):
@@ -65,6 +68,7 @@ def validate(config):
       _fail(dotted, _get(config, dotted), "must lie in [0, 1]")
   _validate_model(config)
   _validate_training(config)
+  _validate_input(config)
 
 
 def _validate_model(config):
@@ -99,6 +103,16 @@ def _validate_training(config):
           f"must be smaller than config.total_steps={config.total_steps}")
   if sum(config.loss[k] for k in ("itc", "mlm", "mvm", "kl_align")) <= 0:
     _fail("loss", dict(config.loss), "turns every objective off; give at least one a weight > 0")
+
+
+def _validate_input(config):
+  data = config.input.data
+  for field in REQUIRED_DATA_FIELDS.get(data.name, ()):
+    if not data[field]:
+      _fail(f"input.data.{field}", data[field], f"must be set for input.data.name={data.name!r}")
+  low, high = config.input.crop_scale
+  if not 0 < low <= high <= 1:
+    _fail("input.crop_scale", tuple(config.input.crop_scale), "must be (low, high), 0 < low <= high <= 1")
 
 
 def amf_warmup_steps(config):

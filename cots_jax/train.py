@@ -98,6 +98,7 @@ def init_state(config, model, optimizer, vq_variables, rng):
       "amf": losses.amf_init(),
       "vq": vq_variables,
       "rng": state_rng,
+      "data_skipped": jnp.zeros((), jnp.int32),  # bad input examples skipped so far, all hosts
   }
 
 
@@ -243,8 +244,10 @@ def make_update_fn(config, model, optimizer):
     enqueue_valid = (jnp.ones_like(aux["pair_w"], bool) if config.amf.enqueue_filtered
                      else aux["pair_w"] > 0)
     queue = queue_lib.enqueue(state["queue"], v_m, t_m, batch["image_id"], enqueue_valid)
+    data_skipped = state["data_skipped"] + jnp.sum(batch["skipped"])
     new_state = dict(state, step=state["step"] + 1, params=params, params_ema=params_ema,
-                     opt=opt, queue=queue, amf=aux["amf_stats"], rng=rng)
+                     opt=opt, queue=queue, amf=aux["amf_stats"], rng=rng,
+                     data_skipped=data_skipped)
     metrics = {f"train/{name}": value for name, value in aux["terms"].items()}
     metrics.update({
         "train/loss": loss,
@@ -253,6 +256,7 @@ def make_update_fn(config, model, optimizer):
         "train/lr": schedule(state["step"]),
         "train/momentum": decay,
         "train/grad_norm": optax.tree.norm(grads),
+        "data/skipped": data_skipped,
     })
     return new_state, metrics
 
@@ -387,6 +391,7 @@ def train_and_evaluate(config, workdir):
 
   # --- loop
   start_step = int(jax.device_get(state["step"]))
+  writer.write(start_step, {"data/eval_skipped": eval_split.num_skipped})
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, disable=not is_chief,
                        unit="step", dynamic_ncols=True, desc="train")
   last_log_time, last_log_step, eval_seconds = time.perf_counter(), start_step, 0.0

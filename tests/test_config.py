@@ -67,6 +67,11 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("momentum.decay", 1.5, r"config.momentum.decay=1.5 must lie in \[0, 1\]"),
     ("temp.init", 0.9, r"config.temp.init=0.9 must lie in"),
     ("optim.warmup_steps", 5000, r"config.optim.warmup_steps=5000 must be smaller"),
+    ("input.on_bad_example", "error", r"config.input.on_bad_example='error' must be one of"),
+    ("input.augment", "flip", r"config.input.augment='flip' must be one of"),
+    ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
+    ("input.data.name", "captions_json",
+     r"config.input.data.annotations='' must be set for input.data.name='captions_json'"),
 ])
 def test_invalid_values_fail_with_one_line_naming_the_field(field, value, message):
   config = pretrain.get_config()

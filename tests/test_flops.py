@@ -60,7 +60,8 @@ def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
            "mlm_ids": jnp.zeros((b, length), jnp.int32),
            "mlm_positions": jnp.zeros((b, 6), jnp.int32),
            "mlm_targets": jnp.zeros((b, 6), jnp.int32), "mlm_weights": jnp.ones((b, 6)),
-           "mvm_mask": jnp.arange(16)[None].repeat(b, 0) < 6}
+           "mvm_mask": jnp.arange(16)[None].repeat(b, 0) < 6,
+           "skipped": jnp.zeros((b,), jnp.int32)}
   xla = _xla_flops(train.make_update_fn(config, model, optimizer), state, batch) / b
   parts = flops.cots_step_flops_per_pair(config)
   assert parts["total"] == pytest.approx(xla, rel=0.15)

@@ -110,7 +110,7 @@ def test_train_batches_match_the_source_and_the_contract(tokenizer, caption_ids)
                 "text_mask": ((BATCH, L), np.int32), "image_id": ((BATCH,), np.int32),
                 "mlm_ids": ((BATCH, L), np.int32), "mlm_positions": ((BATCH, P), np.int32),
                 "mlm_targets": ((BATCH, P), np.int32), "mlm_weights": ((BATCH, P), np.float32),
-                "mvm_mask": ((BATCH, N), np.bool_)}
+                "mvm_mask": ((BATCH, N), np.bool_), "skipped": ((BATCH,), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     np.testing.assert_array_equal(batch["mvm_mask"].sum(axis=1), round(0.4 * N))
     _examples(batch, caption_ids)  # every text is a caption of its image
@@ -213,7 +213,7 @@ def test_image_iterator_shuffles_the_train_images_each_epoch():
   source = synthetic.SyntheticCaptions(NUM_IMAGES, "train", config.seed, 48)
   references = np.stack([source[i]["image"] / 127.5 - 1 for i in range(NUM_IMAGES)])
   batches = _take(pipeline.make_image_iterator(config, 4, seed=3), 2 * NUM_IMAGES // 4)
-  assert batches[0].keys() == {"image"} and batches[0]["image"].dtype == np.float32
+  assert batches[0].keys() == {"image", "skipped"} and batches[0]["image"].dtype == np.float32
   order = []
   for b in batches:
     assert b["image"].shape == (4, 48, 48, 3)

@@ -95,6 +95,24 @@ def test_queue_keys_are_the_momentum_embeddings_of_the_batch(full_objective):
                              rtol=1e-4, atol=1e-5)
 
 
+def test_dropout_draws_from_the_state_rng_only_when_configured(full_objective):
+  """With dropout 0 the step ignores `state["rng"]`; with dropout > 0 another key changes the loss
+  (the tower passes of the step really run in train mode)."""
+  def losses_with_two_keys(state, update_fn, batch):
+    update = jax.jit(update_fn)
+    return [float(update(dict(state, rng=jax.random.PRNGKey(seed)), batch)[1]["train/loss"])
+            for seed in (1, 2)]
+
+  state, update_fn, batches = full_objective
+  without = losses_with_two_keys(state, update_fn, batches[0])
+  assert without[0] == without[1]
+  config = tiny_config()
+  config.model.image.dropout = config.model.text.dropout = 0.1
+  state, update_fn, batches = build(config)
+  with_dropout = losses_with_two_keys(state, update_fn, batches[0])
+  assert with_dropout[0] != pytest.approx(with_dropout[1], rel=1e-6)
+
+
 def test_total_loss_is_the_weighted_sum_and_zero_weights_skip_terms():
   weights = dict(itc=1.0, mlm=0.5, mvm=0.0, kl_align=2.0)
   state, update_fn, batches = build(tiny_config(**weights))

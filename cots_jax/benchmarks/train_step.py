@@ -29,10 +29,10 @@ from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 from cots_jax.models import cots as cots_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
-_OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
+OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
+WARMUP = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.")
+STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -46,19 +46,35 @@ def largest_gemm(config):
   return max(shapes, key=lambda s: s[0] * s[1] * s[2])
 
 
-def matmul_peak(shape, dtype, repeats=20):
-  """FLOP/s of a jitted dense `[M,K] @ [K,N]` in `dtype`, the median of `repeats` runs."""
+def matmul_peak(shape, dtype, bursts=5, min_seconds=0.25):
+  """FLOP/s of a dense `[M,K] @ [K,N]` in `dtype`.
+
+  Single short calls vary by +-15% between runs on a CPU, so each timing is one jitted loop of
+  back-to-back products that lasts at least `min_seconds`; the rate is the median of `bursts`.
+  """
   m, k, n = shape
-  a = jnp.ones((m, k), dtype)
-  b = jnp.ones((k, n), dtype)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  @jax.jit
+  def repeated_matmul(a, b, calls):
+    def body(_, carry):
+      # `carry` is always 0; it chains each product to the last so that XLA cannot hoist it.
+      return jnp.max(jnp.matmul(a, b + carry)) * 0
+    return jax.lax.fori_loop(0, calls, body, jnp.zeros((), dtype))
+
+  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+
+  def burst(calls):
     start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * m * k * n / float(np.median(times))
+    repeated_matmul(a, b, calls).block_until_ready()
+    return time.perf_counter() - start
+
+  burst(1)
+  calls, elapsed = 1, burst(1)
+  while elapsed < min_seconds:
+    calls = max(2 * calls, int(calls * 1.2 * min_seconds / elapsed))
+    elapsed = burst(calls)
+  times = [burst(calls) for _ in range(bursts)]
+  return 2 * m * k * n * calls / float(np.median(times))
 
 
 def benchmark(config, warmup_steps, timed_steps):
@@ -112,10 +128,10 @@ def benchmark(config, warmup_steps, timed_steps):
 
 def main(argv):
   del argv
-  results = benchmark(_CONFIG.value, _WARMUP.value, _STEPS.value)
+  results = benchmark(CONFIG.value, WARMUP.value, STEPS.value)
   print(json.dumps(results, indent=2))
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
+  if OUT.value:
+    with open(OUT.value, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
 
 

@@ -2,36 +2,65 @@
 
 Training stream, per process:
 
-  example indices (image * 5 + caption) -> global shuffle, reseeded every epoch -> repeat forever
-  -> draw the pair and its masks (grain `random_map`, seeded by config.seed and the position in the
-  global stream, i.e. by example and epoch) -> every process_count-th example, from process_index
-  -> batch of batch_size // process_count -> threads / worker processes read ahead.
+  (image, caption) pairs of the source -> global shuffle, reseeded every epoch -> repeat forever
+  -> read + decode + augment the image, tokenise and mask the caption (grain `random_map`, seeded
+  by config.seed and the position in the global stream, i.e. by example and epoch) -> every
+  process_count-th example, from process_index -> threads read ahead -> bad examples skipped and
+  counted -> batch of batch_size // process_count -> worker processes.
 
 Each process computes only its own examples, the stream does not depend on the number of workers
 or threads, and the iterator's get_state() / set_state() resume it exactly. The data knows nothing
 of models: MVM targets are computed in the step (design §8.1); here only `mvm_mask` is drawn.
+
+Bad input (`config.input.on_bad_example`): an image that cannot be read or decoded, or an empty
+caption, raises `transforms.BadExampleError` naming the file. "fail" lets it stop the run; "skip"
+drops the example, names the first few in warnings and counts every one in the `skipped` field of
+the next batch, which the trainer sums into `data/skipped`.
 """
 
 import dataclasses
-import functools
 from typing import Any
 
+from absl import logging
 import grain
 import numpy as np
 
 from cots_jax.data import masking
+from cots_jax.data import sources
 from cots_jax.data import synthetic
 from cots_jax.data import tokenizer as tokenizer_lib
+from cots_jax.data import transforms
+
+# Bad examples named in warnings (per iterator or eval split); later ones are only counted.
+WARN_FIRST = 5
+# A stream that yields nothing but bad examples for this long stops instead of spinning forever.
+MAX_BAD_IN_A_ROW = 1000
 
 
-def _source(config, split):
-  """The SyntheticCaptions of `split` ("train" | "eval") named by `config.input.data`."""
+def make_source(config, split_kind):
+  """The source of `split_kind` ("train" | "eval") named by `config.input.data.name`."""
   data = config.input.data
-  if data.name != "synthetic":
-    raise ValueError(f"input.data.name={data.name!r} is not supported; known: 'synthetic'")
-  num_images = data.num_train_images if split == "train" else data.num_eval_images
-  return synthetic.SyntheticCaptions(num_images, split, config.seed,
-                                     config.model.image.image_size)
+  if data.name == "synthetic":
+    num_images = data.num_train_images if split_kind == "train" else data.num_eval_images
+    return synthetic.SyntheticCaptions(num_images, split_kind, config.seed,
+                                       config.model.image.image_size)
+  return sources.make_source(data, split_kind)
+
+
+def pair_table(source):
+  """int32 [P, 2] training pairs (image index, caption index) of `source`, in source order.
+
+  A source that cannot count its captions without reading every record (TFDS) gives one row per
+  image with caption index -1: a caption is then drawn at random for every example.
+  """
+  counts = source.caption_counts()
+  if counts is None:
+    images = np.arange(len(source))
+    return np.stack([images, np.full_like(images, -1)], axis=1).astype(np.int32)
+  counts = np.asarray(counts, np.int64)
+  images = np.repeat(np.arange(len(counts)), counts)
+  first_pair_of_image = np.repeat(np.cumsum(counts) - counts, counts)
+  return np.stack([images, np.arange(len(images)) - first_pair_of_image], axis=1).astype(np.int32)
 
 
 def _patch_grid(config):
@@ -43,27 +72,68 @@ def _patch_grid(config):
   return image_size // patch_size, image_size // patch_size
 
 
-def _to_unit_range(image):
-  """uint8 [..., 3] -> float32 in [-1, 1]."""
-  return image.astype(np.float32) / 127.5 - 1.0
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+  """Encoded bytes or a decoded array -> float32 [size, size, 3] in [-1, 1].
+
+  augment "crop_flip": random-resized crop (area fraction in `crop_scale`) + horizontal flip with
+  probability `flip_prob` (training on photos); "none": resize the shorter side + centre crop
+  (eval, and the synthetic data whose captions name positions). An image already of the target
+  size is not resampled.
+  """
+  size: int
+  augment: str = "none"
+  crop_scale: tuple[float, float] = (0.5, 1.0)
+  flip_prob: float = 0.5
+
+  @classmethod
+  def for_training(cls, config):
+    inp = config.input
+    return cls(config.model.image.image_size, inp.augment, tuple(inp.crop_scale), inp.flip_prob)
+
+  def pixels(self, image, name, rng=None):
+    """-> uint8 [size, size, 3]; raises BadExampleError(name, reason) when `image` does not
+    decode. `rng` (np.random.Generator) is needed by "crop_flip" only."""
+    pixels = transforms.decode_image(image, name)
+    if self.augment == "crop_flip":
+      return transforms.random_resized_crop(pixels, rng, self.size, scale=self.crop_scale,
+                                            flip_prob=self.flip_prob)
+    if pixels.shape[:2] != (self.size, self.size):
+      return transforms.resize_center_crop(pixels, self.size)
+    return pixels
+
+  def __call__(self, image, name, rng=None):
+    """-> float32 [size, size, 3] in [-1, 1]; see `pixels`."""
+    return transforms.to_unit_range(self.pixels(image, name, rng))
 
 
-def _read_ahead(dataset, input_config):
-  """MapDataset of batches -> IterDataset read ahead by `prefetch` threads and `num_workers`
-  worker processes (0 workers: in this process; 0 prefetch: synchronous)."""
-  prefetch = input_config.prefetch
-  batches = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch))
-  if input_config.num_workers:
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=input_config.num_workers, per_worker_buffer_size=max(1, prefetch)))
-  return batches
+def _pick_caption(item, caption_index, rng):
+  """Caption `caption_index` of a source item (-1: one drawn with `rng`); BadExampleError when
+  the item has no captions or the caption is blank."""
+  captions = item["captions"]
+  if not captions:
+    raise transforms.BadExampleError(item["name"], "no captions")
+  if caption_index < 0:
+    caption_index = int(rng.integers(len(captions)))
+  if not captions[caption_index].strip():
+    raise transforms.BadExampleError(item["name"], f"caption {caption_index} is empty")
+  return captions[caption_index]
+
+
+def _bad(error, on_bad_example):
+  """The marker of a skipped example, or `error` raised again when the config says fail."""
+  if on_bad_example == "fail":
+    raise error
+  return {"bad_example": str(error)}
 
 
 @dataclasses.dataclass(frozen=True)
 class _MakePair:
-  """(example index, rng) -> one training pair with its masks (design §4.3 names and shapes)."""
-  source: synthetic.SyntheticCaptions
+  """(example index, rng) -> one training pair with its masks (design §4.3 names and shapes),
+  or a bad-example marker."""
+  source: Any
+  pairs: np.ndarray
+  image_transform: ImageTransform
   tokenizer: Any
   special_ids: tuple[int, ...]
   max_len: int
@@ -73,18 +143,100 @@ class _MakePair:
   num_masked_patches: int
   mvm_mode: str
   mvm_min_block: int
+  on_bad_example: str
 
   def __call__(self, example, rng):
-    image_index, caption_index = divmod(int(example), synthetic.CAPTIONS_PER_IMAGE)
-    item = self.source[image_index]
-    ids, mask = tokenizer_lib.tokenize(
-        self.tokenizer, [item["captions"][caption_index]], self.max_len)
+    image_index, caption_index = self.pairs[int(example)]
+    try:
+      item = self.source[int(image_index)]
+      caption = _pick_caption(item, caption_index, rng)
+      image = self.image_transform(item["image"], item["name"], rng)
+    except transforms.BadExampleError as error:
+      return _bad(error, self.on_bad_example)
+    ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
     mlm = masking.mlm_mask(ids[0], rng, self.mlm_prob, self.max_predictions,
                            len(self.tokenizer), self.special_ids, self.tokenizer.mask_token_id)
     mvm = masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches, self.mvm_mode,
                            self.mvm_min_block)
-    return {"image": _to_unit_range(item["image"]), "text_ids": ids[0], "text_mask": mask[0],
-            "image_id": np.int32(image_index), **mlm, "mvm_mask": mvm}
+    return {"image": image, "text_ids": ids[0], "text_mask": mask[0],
+            "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
+
+
+@dataclasses.dataclass(frozen=True)
+class _MakeImage:
+  """(image index, rng) -> {"image": float32 [H, W, 3]} or a bad-example marker."""
+  source: Any
+  image_transform: ImageTransform
+  on_bad_example: str
+
+  def __call__(self, index, rng):
+    try:
+      item = self.source[int(index)]
+      return {"image": self.image_transform(item["image"], item["name"], rng)}
+    except transforms.BadExampleError as error:
+      return _bad(error, self.on_bad_example)
+
+
+class BadExampleLog:
+  """Names the first `WARN_FIRST` bad examples in warnings and counts all of them."""
+
+  def __init__(self, where):
+    self.where = where
+    self.count = 0
+
+  def add(self, reason):
+    self.count += 1
+    if self.count <= WARN_FIRST:
+      more = ("; further bad examples are only counted (data/skipped)"
+              if self.count == WARN_FIRST else "")
+      logging.warning("%s: skipping bad example #%d: %s%s", self.where, self.count, reason, more)
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+  """Yields the good examples of its parent, each with `skipped`: int32, the number of bad
+  examples dropped just before it. Stateless beyond the parent, so checkpoints stay exact."""
+
+  def __init__(self, parent):
+    super().__init__(parent)
+    self._log = BadExampleLog("input pipeline")
+
+  def __next__(self):
+    skipped = 0
+    while True:
+      example = next(self._parent)
+      if "bad_example" not in example:
+        return {**example, "skipped": np.int32(skipped)}
+      skipped += 1
+      self._log.add(example["bad_example"])
+      if skipped >= MAX_BAD_IN_A_ROW:
+        raise RuntimeError(f"{skipped} bad examples in a row, the last: "
+                           f"{example['bad_example']}; is the data readable at all?")
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class _SkipBadExamples(grain.IterDataset):
+  """IterDataset of `_SkipBadIterator`."""
+
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__())
+
+
+def _batched(examples, batch_size, input_config):
+  """MapDataset of examples (or bad markers) -> IterDataset of batches: `prefetch` threads read
+  ahead, bad examples are skipped, then `num_workers` worker processes (0: this process)."""
+  prefetch = input_config.prefetch
+  examples = examples.to_iter_dataset(
+      grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch * batch_size))
+  batches = _SkipBadExamples(examples).batch(batch_size, drop_remainder=True)
+  if input_config.num_workers:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=input_config.num_workers, per_worker_buffer_size=max(1, prefetch)))
+  return batches
 
 
 def make_train_dataset(config, *, process_index=0, process_count=1):
@@ -92,30 +244,33 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
 
   A batch holds config.input.batch_size // process_count pairs: image float32 [B, H, W, 3] in
   [-1, 1]; text_ids, text_mask, mlm_ids int32 [B, L]; image_id int32 [B]; mlm_positions,
-  mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N] with
-  L = input.max_len, P = ceil(input.mlm_prob * L), N = patches per image.
+  mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N]; skipped int32 [B]
+  (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
+  N = patches per image.
   """
   batch_size = config.input.batch_size
   if not 0 <= process_index < process_count or batch_size % process_count:
     raise ValueError(f"input.batch_size={batch_size} must split evenly over process_count="
                      f"{process_count} (process_index={process_index})")
-  source = _source(config, "train")
+  source = make_source(config, "train")
+  pairs = pair_table(source)
   grid_h, grid_w = _patch_grid(config)
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
   make_pair = _MakePair(
-      source=source, tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
+      source=source, pairs=pairs, image_transform=ImageTransform.for_training(config),
+      tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
       max_len=inp.max_len, mlm_prob=inp.mlm_prob,
       max_predictions=masking.num_mlm_predictions(inp.mlm_prob, inp.max_len),
       patch_grid=(grid_h, grid_w),
       num_masked_patches=masking.num_mvm_masked(inp.mvm_prob, grid_h * grid_w),
-      mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block)
-  pairs = (grain.MapDataset.range(len(source) * synthetic.CAPTIONS_PER_IMAGE)
-           .shuffle(seed=config.seed)
-           .repeat()
-           .random_map(make_pair, seed=config.seed)[process_index::process_count]
-           .batch(batch_size // process_count, drop_remainder=True))
-  return _read_ahead(pairs, config.input)
+      mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
+      on_bad_example=inp.on_bad_example)
+  examples = (grain.MapDataset.range(len(pairs))
+              .shuffle(seed=config.seed)
+              .repeat()
+              .random_map(make_pair, seed=config.seed)[process_index::process_count])
+  return _batched(examples, batch_size // process_count, inp)
 
 
 def make_train_iterator(config, *, process_index=0, process_count=1):
@@ -124,22 +279,16 @@ def make_train_iterator(config, *, process_index=0, process_count=1):
                                  process_count=process_count))
 
 
-def _unit_image(source, index):
-  """Image `index` of `source`, without drawing its captions: float32 [H, W, 3] in [-1, 1]."""
-  return _to_unit_range(synthetic.render_scene(source.scene(int(index)), source.image_size))
-
-
-def _image_example(source, index):
-  return {"image": _unit_image(source, index)}
-
-
 def make_image_iterator(config, batch_size, seed):
-  """Endless iterator of {"image": float32 [batch_size, H, W, 3] in [-1, 1]} batches over the
-  training images, shuffled by `seed` anew every epoch (trains the VQ tokenizer)."""
-  source = _source(config, "train")
+  """Endless iterator of {"image": float32 [batch_size, H, W, 3] in [-1, 1], "skipped": int32
+  [batch_size]} batches over the training images with the training augmentation, shuffled by
+  `seed` anew every epoch (trains the VQ tokenizer)."""
+  source = make_source(config, "train")
+  make_image = _MakeImage(source, ImageTransform.for_training(config),
+                          config.input.on_bad_example)
   images = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-            .map(functools.partial(_image_example, source)).batch(batch_size, drop_remainder=True))
-  return iter(_read_ahead(images, config.input))
+            .random_map(make_image, seed=seed))
+  return iter(_batched(images, batch_size, config.input))
 
 
 def _padded_batches(num_items, batch_size, get_batch):
@@ -155,28 +304,50 @@ def _padded_batches(num_items, batch_size, get_batch):
 class EvalSplit:
   """The eval images and their captions, for retrieval (design §4.1).
 
+  The images are decoded once, resized + centre-cropped, and kept as uint8 (1000 images at
+  224 px: 150 MB). An image that does not decode and a blank caption are left out of the
+  gallery (or stop the run when `on_bad_example` is "fail"); `num_skipped` counts them.
+
   Attributes:
-    num_images, num_texts: gallery sizes (5 texts per image).
+    num_images, num_texts: gallery sizes.
     captions: list of num_texts str, in image order.
     txt2img: int32 [num_texts], the image index of each text.
+    num_skipped: bad images and blank captions left out.
   """
 
-  def __init__(self, source, tokenizer, max_len, batch_size):
-    self._source = source
+  def __init__(self, source, tokenizer, max_len, batch_size, image_size,
+               on_bad_example="skip"):
     self._batch_size = batch_size
-    self.num_images = len(source)
-    self.captions = [c for i in range(self.num_images) for c in source.captions(i)]
+    transform = ImageTransform(image_size)
+    log = BadExampleLog("eval split")
+    images, self.captions, txt2img = [], [], []
+    for index in range(len(source)):
+      try:
+        item = source[index]
+        images.append(transform.pixels(item["image"], item["name"]))
+      except transforms.BadExampleError as error:
+        log.add(_bad(error, on_bad_example)["bad_example"])
+        continue
+      for number, caption in enumerate(item["captions"]):
+        if caption.strip():
+          self.captions.append(caption)
+          txt2img.append(len(images) - 1)
+        else:
+          error = transforms.BadExampleError(item["name"], f"caption {number} is empty")
+          log.add(_bad(error, on_bad_example)["bad_example"])
+    if not images:
+      raise ValueError(f"the eval split has no readable image ({log.count} bad)")
+    self._images = np.stack(images)
+    self.num_images = len(images)
     self.num_texts = len(self.captions)
-    self.txt2img = np.repeat(np.arange(self.num_images, dtype=np.int32),
-                             synthetic.CAPTIONS_PER_IMAGE)
+    self.num_skipped = log.count
+    self.txt2img = np.asarray(txt2img, np.int32)
     self._text_ids, self._text_mask = tokenizer_lib.tokenize(tokenizer, self.captions, max_len)
-
-  def _images(self, indices):
-    return {"image": np.stack([_unit_image(self._source, i) for i in indices])}
 
   def image_batches(self):
     """Yields {"image": float32 [b, H, W, 3] in [-1, 1], "valid": bool [b]}."""
-    return _padded_batches(self.num_images, self._batch_size, self._images)
+    return _padded_batches(self.num_images, self._batch_size,
+                           lambda i: {"image": transforms.to_unit_range(self._images[i])})
 
   def text_batches(self):
     """Yields {"text_ids": int32 [b, L], "text_mask": int32 [b, L], "valid": bool [b]}."""
@@ -187,5 +358,7 @@ class EvalSplit:
 
 def make_eval_split(config, batch_size=None):
   """The eval split of config.input.data in batches of `batch_size` (default eval.batch_size)."""
-  return EvalSplit(_source(config, "eval"), tokenizer_lib.load_tokenizer(config.input.tokenizer),
-                   config.input.max_len, batch_size or config.eval.batch_size)
+  return EvalSplit(make_source(config, "eval"),
+                   tokenizer_lib.load_tokenizer(config.input.tokenizer), config.input.max_len,
+                   batch_size or config.eval.batch_size, config.model.image.image_size,
+                   config.input.on_bad_example)

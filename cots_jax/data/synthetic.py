@@ -315,8 +315,9 @@ def scene_split(scene):
 class SyntheticCaptions:
   """Random-access source (grain-compatible) of synthetic images with 5 captions each.
 
-  Item i is {"image": uint8 [H, W, 3], "captions": list of 5 str, "image_id": i}, a pure function
-  of (seed, split, i); a train and an eval scene never share a description.
+  Item i is {"image": uint8 [H, W, 3], "name": str, "captions": list of 5 str, "image_id": i}, a
+  pure function of (seed, split, i); a train and an eval scene never share a description. The
+  interface is that of the real-data sources (`data/sources.py`).
   """
 
   def __init__(self, num_images, split="train", seed=0, image_size=48):
@@ -351,8 +352,13 @@ class SyntheticCaptions:
     scene, rng = self._draw(index)
     return describe_scene(scene, rng)
 
+  def caption_counts(self):
+    """int64 [num_images]: 5 captions per image."""
+    return np.full(self.num_images, CAPTIONS_PER_IMAGE, np.int64)
+
   def __getitem__(self, index):
     scene, rng = self._draw(index)
     return {"image": render_scene(scene, self.image_size),
+            "name": f"synthetic/{self.split}/{int(index)}",
             "captions": describe_scene(scene, rng),
             "image_id": int(index)}

@@ -1,0 +1,270 @@
+"""Image-caption sources on disk: a Karpathy-style captions json with an image folder, and TFDS.
+
+A source is random-access over images, picklable (grain worker processes receive a copy) and
+knows nothing of models or tokenizers. Item i is
+
+  {"image": bytes | uint8 [H, W, 3], "name": str, "captions": list of str, "image_id": int}
+
+where "name" is the image's file path (or a dataset/split[index] id) for messages. The captions
+json source returns the file's encoded bytes undecoded (the pipeline decodes them), and reading
+a missing, empty or unreadable file raises BadExampleError. The TFDS source returns the image
+tfds has already decoded. Every source also has `captions(i)`, the captions of image i without
+its image, and `caption_counts()`, the number of captions of every image or None where that
+would need a pass over every record.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from cots_jax.data.transforms import BadExampleError
+
+SOURCE_NAMES = ("captions_json", "tfds")
+
+
+def _check_index(index, length):
+  """IndexError unless 0 <= index < length (negative indices are not images)."""
+  if not 0 <= index < length:
+    raise IndexError(f"image index {index} out of range [0, {length})")
+
+
+def _required(mapping, key, expected_type, where):
+  """mapping[key], checked to be an `expected_type`; ValueError naming `where` and `key`."""
+  if not isinstance(mapping, dict):
+    raise ValueError(f"{where} should be a JSON object, got {type(mapping).__name__}")
+  if key not in mapping:
+    raise ValueError(f"{where} has no {key!r}")
+  value = mapping[key]
+  if not isinstance(value, expected_type):
+    raise ValueError(f"{where}[{key!r}] should be {expected_type.__name__}, got "
+                     f"{type(value).__name__}")
+  return value
+
+
+def _load_images_list(path):
+  """The `images` list of the annotations json at `path`; ValueError naming `path` otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      annotations = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{path}: annotations file not found") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: cannot read the annotations file ({e})") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not JSON ({e})") from e
+  if not isinstance(annotations, dict) or not isinstance(annotations.get("images"), list):
+    raise ValueError(f"{path}: top-level 'images' list missing")
+  return annotations["images"]
+
+
+def _parse_entry(entry, where):
+  """(split, relative image path, captions) of one `images[i]` entry of a Karpathy json."""
+  filename = _required(entry, "filename", str, where)
+  split = _required(entry, "split", str, where)
+  # COCO's Karpathy json keeps the image's subfolder ("val2014") in `filepath`.
+  subfolder = _required(entry, "filepath", str, where) if "filepath" in entry else ""
+  sentences = _required(entry, "sentences", list, where)
+  captions = [_required(sentence, "raw", str, f"{where}.sentences[{j}]")
+              for j, sentence in enumerate(sentences)]
+  return split, os.path.join(subfolder, filename), captions
+
+
+class CaptionsJson:
+  """Images of the chosen splits of a Karpathy-style captions json (Flickr8k/30k, COCO).
+
+  The json holds {"images": [{"filename", "split", "sentences": [{"raw"}, ...],
+  optional "filepath"}]}; image i is the i-th entry, in file order, whose split is in `splits`,
+  read from images_dir/[filepath/]filename, with image_id i. Captions are the `raw` strings as
+  given. The whole json is checked at construction; image files are only opened when read.
+  """
+
+  def __init__(self, annotations, images_dir, splits):
+    """Parses `annotations`, keeping the images of `splits` (a split name or a tuple of them;
+    Karpathy's "restval" is train data only where it is asked for, e.g. ("train", "restval")).
+
+    Raises:
+      ValueError naming the annotations path and the field when the file is missing, is not
+      JSON or lacks a required field, and naming the splits found when `splits` selects nothing.
+    """
+    self.annotations = os.fspath(annotations)
+    self.images_dir = os.fspath(images_dir)
+    self.splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    self._paths, self._captions, splits_found = [], [], set()
+    for i, entry in enumerate(_load_images_list(self.annotations)):
+      split, relative_path, captions = _parse_entry(entry, f"{self.annotations}: images[{i}]")
+      splits_found.add(split)
+      if split in self.splits:
+        self._paths.append(os.path.join(self.images_dir, relative_path))
+        self._captions.append(captions)
+    if not self._paths:
+      raise ValueError(f"{self.annotations}: no image in splits {list(self.splits)}; "
+                       f"splits found: {sorted(splits_found)}")
+    self._caption_counts = np.array([len(c) for c in self._captions], np.int64)
+
+  def __len__(self):
+    return len(self._paths)
+
+  def path(self, index):
+    """File path of image `index` (not checked to exist)."""
+    _check_index(index, len(self))
+    return self._paths[index]
+
+  def captions(self, index):
+    """The captions of image `index` (a new list), without opening the image."""
+    _check_index(index, len(self))
+    return list(self._captions[index])
+
+  def caption_counts(self):
+    """int64 [len(self)]: the number of captions of each image."""
+    return self._caption_counts.copy()
+
+  def __getitem__(self, index):
+    """{"image": the file's bytes (not decoded), "name": its path, "captions", "image_id"}.
+
+    Raises:
+      BadExampleError(path, reason) when the file is missing, empty or unreadable.
+    """
+    path = self.path(index)
+    return {"image": _read_image_file(path), "name": path, "captions": self.captions(index),
+            "image_id": int(index)}
+
+
+def _read_image_file(path):
+  """The bytes of the file at `path`; BadExampleError(path, reason) when there are none."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise BadExampleError(path, "missing file") from None
+  except OSError as e:
+    raise BadExampleError(path, f"unreadable: {e}") from e
+  if not data:
+    raise BadExampleError(path, "empty file")
+  return data
+
+
+def _record_field(record, key, where):
+  """record[key]; ValueError naming `where` and the keys there are otherwise."""
+  if key not in record:
+    raise ValueError(f"{where} has no {key!r}; it has {sorted(record)}")
+  return record[key]
+
+
+class TfdsCaptions:
+  """Images of one split of a prepared TFDS image-caption dataset, read by `tfds.data_source`.
+
+  The data source is opened on first use in each process (and dropped when pickled), so the
+  object pickles cheaply into grain workers. Nothing is downloaded: the dataset must already be
+  prepared under `data_dir`.
+  """
+
+  def __init__(self, name, split, data_dir, image_key="image", captions_key="captions",
+               caption_text_key=None):
+    """Args:
+      name: registered or prepared TFDS name, e.g. "coco_captions" or "coco_captions:1.1.0".
+      split: TFDS split, e.g. "train" or "val[:1000]".
+      data_dir: the TFDS data dir (None: tfds's default).
+      image_key: feature holding the image.
+      captions_key: feature holding the captions, a Sequence of Text or of dicts.
+      caption_text_key: key of the text in each caption dict (coco_captions: "text"); None when
+        the captions are plain Text.
+    """
+    self.name = name
+    self.split = split
+    self.data_dir = data_dir
+    self.image_key = image_key
+    self.captions_key = captions_key
+    self.caption_text_key = caption_text_key
+    self._data_source = None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_data_source"] = None  # reopened in the receiving process
+    return state
+
+  def _records(self):
+    """The tfds data source, opened on first use in this process."""
+    if self._data_source is None:
+      # Imported here: only this source needs tfds, and importing it takes about half a second.
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      self._data_source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                           download=False)
+    return self._data_source
+
+  def _where(self, index):
+    return f"{self.name}/{self.split}[{index}]"
+
+  def _record(self, index):
+    _check_index(index, len(self))
+    return self._records()[int(index)]
+
+  def _caption_texts(self, record, index):
+    """The record's captions as str (tfds gives Text as utf-8 bytes)."""
+    where = self._where(index)
+    captions = _record_field(record, self.captions_key, where)
+    # tfds decodes a Sequence of dicts as a dict of sequences.
+    if self.caption_text_key is not None:
+      captions = _record_field(captions, self.caption_text_key, f"{where}[{self.captions_key!r}]")
+    elif isinstance(captions, dict):
+      raise ValueError(f"{where}[{self.captions_key!r}] holds dicts with keys {sorted(captions)}; "
+                       "caption_text_key must name the text")
+    return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
+
+  def __len__(self):
+    return len(self._records())
+
+  def captions(self, index):
+    """The captions of image `index` (reads and decodes its whole record)."""
+    return self._caption_texts(self._record(index), index)
+
+  def caption_counts(self):
+    """None: the counts are only known by reading every record."""
+    return None
+
+  def __getitem__(self, index):
+    """{"image": uint8 [H, W, C] as decoded by tfds, "name": "name/split[index]", "captions",
+    "image_id": the record's `image/id` if it has one, else `index`}."""
+    record = self._record(index)
+    return {"image": _record_field(record, self.image_key, self._where(index)),
+            "name": self._where(index),
+            "captions": self._caption_texts(record, index),
+            "image_id": int(record.get("image/id", index))}
+
+
+def make_source(data_config, split_kind):
+  """The source of `split_kind` ("train" | "eval") named by `data_config` (config.input.data).
+
+  captions_json reads `annotations`, `images_dir` and `train_splits` (tuple) or `eval_split`;
+  tfds reads `tfds_name`, `tfds_data_dir` ("" = tfds's default), `tfds_train_split` or
+  `tfds_eval_split`, `image_key`, `captions_key` and `caption_text_key` ("" = plain Text).
+
+  Raises:
+    ValueError when the name is not in SOURCE_NAMES, split_kind is unknown or a required path
+    or name is empty.
+  """
+  if split_kind not in ("train", "eval"):
+    raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
+  train = split_kind == "train"
+  if data_config.name == "captions_json":
+    _check_given(data_config, "annotations", "images_dir")
+    return CaptionsJson(data_config.annotations, data_config.images_dir,
+                        data_config.train_splits if train else (data_config.eval_split,))
+  if data_config.name == "tfds":
+    _check_given(data_config, "tfds_name")
+    return TfdsCaptions(
+        data_config.tfds_name,
+        data_config.tfds_train_split if train else data_config.tfds_eval_split,
+        data_config.tfds_data_dir or None,
+        image_key=data_config.image_key, captions_key=data_config.captions_key,
+        caption_text_key=data_config.caption_text_key or None)
+  raise ValueError(f"input.data.name={data_config.name!r} is not a source; known: "
+                   f"{', '.join(SOURCE_NAMES)}")
+
+
+def _check_given(data_config, *fields):
+  """ValueError naming the first of `fields` of input.data that is empty."""
+  for field in fields:
+    if not data_config[field]:
+      raise ValueError(f"input.data.{field} must be set for input.data.name="
+                       f"{data_config.name!r}")

@@ -1,0 +1,191 @@
+"""Image decoding and augmentation for real data (design §6): numpy and PIL only, no jax.
+
+`decode_image` turns encoded bytes or a decoded array of any common layout into uint8 RGB
+[H, W, 3], or raises `BadExampleError`; a truncated file, or damage the codec detects, is an
+error, never a partly decoded image (`ImageFile.LOAD_TRUNCATED_IMAGES` stays off). Conventions:
+  - transparency (alpha channel, palette or tRNS transparency) is composited on black, so a
+    fully transparent pixel is (0, 0, 0) whatever colour the file stores under it;
+  - 16-bit samples map the full range 0..65535 onto 0..255 (x / 257, rounded); PIL's 32-bit
+    mode "I" (how some 16-bit files decode) is read the same way, clipped to 0..65535;
+  - float samples (mode "F", float arrays) are taken to lie in [0, 1] and are clipped to it;
+  - EXIF orientation is applied.
+Both resizes use PIL bicubic resampling.
+"""
+
+import io
+import math
+import struct
+
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+_CROP_TRIES = 10
+_RESAMPLE = Image.Resampling.BICUBIC
+# What PIL raises on open / load / EXIF parsing of a damaged file (besides the two handled first).
+_CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+                         struct.error)
+# Modes whose samples are used as they are: uint16 (either byte order) and float32.
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+class BadExampleError(ValueError):
+  """An input example that cannot be used; str(error) is f"{name}: {reason}".
+
+  Attributes:
+    name: the file path or example id, str.
+    reason: short description of the defect, str.
+  """
+
+  def __init__(self, name, reason):
+    super().__init__(f"{name}: {reason}")
+    self.name = str(name)
+    self.reason = reason
+
+  def __reduce__(self):
+    # The default pickles only the message; grain worker processes send errors back pickled.
+    return type(self), (self.name, self.reason)
+
+
+def decode_image(data, name):
+  """Encoded image bytes (anything PIL opens) or a decoded array -> uint8 [H, W, 3] RGB.
+
+  Arrays may be uint8, uint16 or float, [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] (RGBA).
+  `name` (file path or example id) only labels the BadExampleError raised for data that cannot
+  be used: None, empty, not an image, truncated or corrupt, a decompression bomb, an unsupported
+  mode, shape or dtype, zero size or non-finite samples.
+  """
+  if data is None:
+    raise BadExampleError(name, "no image data (None)")
+  if isinstance(data, np.ndarray):
+    return _array_to_rgb(data, name)
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise BadExampleError(name, f"unsupported image data type {type(data).__name__}")
+  if not len(data):
+    raise BadExampleError(name, "empty file")
+  return _array_to_rgb(_pil_samples(_open_fully(data, name), name), name)
+
+
+def _open_fully(data, name):
+  """Encoded bytes -> PIL image, fully decoded (so damage shows here), EXIF orientation applied."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image)
+  except Image.UnidentifiedImageError as error:
+    raise BadExampleError(name, "not an image (cannot identify image file)") from error
+  except Image.DecompressionBombError as error:
+    raise BadExampleError(name, f"decompression bomb ({error})") from error
+  except _CORRUPT_IMAGE_ERRORS as error:
+    raise BadExampleError(name, f"truncated or corrupt image ({error})") from error
+
+
+def _pil_samples(image, name):
+  """PIL image of any mode -> its samples: uint16 or float32 [H, W] for high-depth modes,
+  uint8 [H, W, 4] where it has transparency, else uint8 [H, W, 3]."""
+  if image.mode in _HIGH_DEPTH_MODES:
+    return np.asarray(image)
+  if image.mode == "I":
+    return np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+  try:
+    return np.asarray(image.convert("RGBA" if image.has_transparency_data else "RGB"))
+  except ValueError as error:
+    raise BadExampleError(name, f"unsupported image mode {image.mode}") from error
+
+
+def _array_to_rgb(array, name):
+  """uint8 | uint16 | float [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [H, W, 3]."""
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+    raise BadExampleError(name, f"unsupported image array shape {array.shape}")
+  if not array.size:
+    raise BadExampleError(name, f"zero-size image {array.shape}")
+  array = _to_uint8(array, name)
+  if array.shape[-1] == 4:
+    return _composite_on_black(array)
+  if array.shape[-1] == 1:
+    return np.repeat(array, 3, axis=-1)
+  return array
+
+
+def _to_uint8(array, name):
+  """Samples of any supported dtype -> uint8, same shape (full-range scaling, see module doc)."""
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # either byte order
+    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+  if array.dtype.kind == "f":
+    if not np.isfinite(array).all():
+      raise BadExampleError(name, "non-finite pixel values")
+    return np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+  raise BadExampleError(name, f"unsupported image dtype {array.dtype}")
+
+
+def _composite_on_black(rgba):
+  """uint8 [H, W, 4] -> uint8 [H, W, 3], each colour times alpha / 255, rounded."""
+  rgb, alpha = rgba[..., :3].astype(np.uint16), rgba[..., 3:]
+  return ((rgb * alpha + 127) // 255).astype(np.uint8)
+
+
+def _crop_box(height, width, rng, scale, ratio):
+  """Inception-style crop (torchvision RandomResizedCrop.get_params) -> (top, left, h, w).
+
+  Draws an area fraction uniform in `scale` and an aspect ratio (w / h) log-uniform in `ratio`
+  until the box fits (at most _CROP_TRIES times), else the centre crop of the largest box whose
+  aspect ratio lies in `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(_CROP_TRIES):
+    target_area = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = round(math.sqrt(target_area * aspect))
+    h = round(math.sqrt(target_area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  if width / height < min(ratio):
+    w, h = width, round(width / min(ratio))
+  elif width / height > max(ratio):
+    w, h = round(height * max(ratio)), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize_box(image, size, box):
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: the region box = (left, top, right, bottom), in
+  pixels (may be fractional), resampled bicubic; pixels just outside the box feed its edges."""
+  return np.asarray(Image.fromarray(image).resize((size, size), _RESAMPLE, box=box))
+
+
+def random_resized_crop(image, rng, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5):
+  """Training augmentation: uint8 [H, W, 3] -> uint8 [size, size, 3].
+
+  A random crop (`_crop_box`: area fraction in `scale`, aspect ratio w / h in `ratio`), resized
+  bicubic to size x size, then mirrored left-right with probability `flip_prob`. `rng` is a
+  np.random.Generator; the flip draw is made whatever `flip_prob`, so one seed gives the same
+  crop for every flip_prob.
+  """
+  top, left, h, w = _crop_box(*image.shape[:2], rng, scale, ratio)
+  crop = _resize_box(image, size, (left, top, left + w, top + h))
+  if rng.random() < flip_prob:
+    crop = crop[:, ::-1]
+  return np.ascontiguousarray(crop)
+
+
+def resize_center_crop(image, size):
+  """Eval transform: uint8 [H, W, 3] -> uint8 [size, size, 3].
+
+  The result of resizing the shorter side to `size` (aspect kept) and taking the centre
+  size x size crop, computed as one bicubic resampling of the centre square of the image.
+  """
+  height, width = image.shape[:2]
+  side = min(height, width)
+  left, top = (width - side) / 2, (height - side) / 2
+  return _resize_box(image, size, (left, top, left + side, top + side))
+
+
+def to_unit_range(image):
+  """uint8 [..., 3] -> float32 [..., 3] in [-1, 1] (x / 127.5 - 1)."""
+  return image.astype(np.float32) / 127.5 - 1.0
