@@ -1,9 +1,12 @@
-"""The train-step benchmark: its GEMM shape, peak measurement and result fields."""
+"""The benchmarks: the train step (GEMM shape, peak, result fields) and the input pipeline."""
+
+import math
 
 import pytest
 
 from configs import common
 from cots_jax import flops
+from cots_jax.benchmarks import input_pipeline
 from cots_jax.benchmarks import train_step
 
 
@@ -38,3 +41,13 @@ def test_benchmark_reports_consistent_figures():
       results["analytic_flops_per_pair"] * results["pairs_per_sec"]
       / results["peak_flops_per_sec"])
   assert results["xla_flops_per_pair"] > 0
+
+
+def test_input_pipeline_benchmark_reports_rates_per_size_and_workers_needed():
+  config = _config()
+  results = input_pipeline.benchmark(config, num_batches=2, sizes=[32], warmup_steps=1,
+                                     timed_steps=1)
+  rates = results["images_per_sec_per_worker"]
+  assert set(rates) == {"24", "32"} and min(rates.values()) > 0
+  assert results["workers_needed"] == math.ceil(results["train_step_pairs_per_sec"] / rates["24"])
+  assert config.model.image.image_size == 24  # the caller's config is left as it was

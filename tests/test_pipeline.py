@@ -153,23 +153,36 @@ def test_epochs_cover_every_example_once_and_reshuffle(caption_ids):
   assert sum(np.array_equal(masks[0][x], masks[1][x]) for x in range(EXAMPLES)) < EXAMPLES // 10
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch(caption_ids):
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_process_shards_are_disjoint_and_complete(caption_ids, process_count):
+  """Over 3 epochs, process p gets the single-process stream's examples p, p + N, ... with the
+  same masks, so the shards are disjoint and together hold every example 3 times."""
   config = _config()
-  whole = _take(pipeline.make_train_iterator(config), EXAMPLES // BATCH)
+  config.input.batch_size = 6 if process_count == 3 else BATCH
+  num_batches = 3 * EXAMPLES // config.input.batch_size
+  whole = _take(pipeline.make_train_iterator(config), num_batches)
   stream = sum((_examples(b, caption_ids) for b in whole), [])
   stream_masks = np.concatenate([b["mvm_mask"] for b in whole])
   shards = []
-  for process_index in range(2):
-    iterator = pipeline.make_train_iterator(config, process_index=process_index, process_count=2)
-    shard = _take(iterator, EXAMPLES // BATCH)
-    assert shard[0]["image"].shape[0] == BATCH // 2
+  for process_index in range(process_count):
+    iterator = pipeline.make_train_iterator(config, process_index=process_index,
+                                            process_count=process_count)
+    shard = _take(iterator, num_batches)
+    assert shard[0]["image"].shape[0] == config.input.batch_size // process_count
     shards.append(sum((_examples(b, caption_ids) for b in shard), []))
-    # Process p gets the single-process stream's examples p, p + 2, ... with the same masks.
-    assert shards[-1] == stream[process_index::2]
+    assert shards[-1] == stream[process_index::process_count]
     np.testing.assert_array_equal(np.concatenate([b["mvm_mask"] for b in shard]),
-                                  stream_masks[process_index::2])
-  assert not set(shards[0]) & set(shards[1])
-  assert sorted(shards[0] + shards[1]) == list(range(EXAMPLES))
+                                  stream_masks[process_index::process_count])
+  assert sorted(sum(shards, [])) == sorted(list(range(EXAMPLES)) * 3)
+
+
+def test_long_and_unicode_captions_tokenise(tokenizer):
+  long_caption = " ".join(["a red circle"] * 100)
+  ids, mask = tokenizer_lib.tokenize(tokenizer, [long_caption, "café, naïve 東京 — ☃"], 12)
+  assert ids.shape == mask.shape == (2, 12) and mask[0].all()
+  assert ids[0, 0] == tokenizer.cls_token_id and ids[0, -1] == tokenizer.sep_token_id
+  words = tokenizer.convert_ids_to_tokens(ids[1][mask[1] == 1].tolist())
+  assert words[:4] == ["[CLS]", "cafe", ",", "naive"] and "東" in words and "[SEP]" in words
 
 
 def test_get_state_set_state_resumes_exactly():
