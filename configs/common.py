@@ -117,7 +117,15 @@ def base_config(size="tiny"):
   c.eval_every = 0 if size == "tiny" else 5000  # 0 = only at the end.
   c.checkpoint_every = 200 if size == "tiny" else 5000  # 0 = only the final state.
   c.keep_checkpoints = 3
+  # Fine-tuning: a run's workdir whose latest checkpoint gives the towers and heads (params);
+  # optimizer, queues, AMF statistics and step start fresh. "" = off. A workdir that already has
+  # checkpoints resumes from them instead.
   c.init_from = ""
+  # True: params_ema comes from init_from's momentum towers; False: it starts as a copy of params.
+  c.init_from_ema = False
+  # True: start in a workdir whose config.json has another model shape (checkpoint.py lists the
+  # fields); False refuses, so a typo cannot mix two runs in one workdir.
+  c.allow_config_change = False
 
   c.model = model_config(size)
   c.vq = vq_config(size)

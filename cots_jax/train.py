@@ -1,11 +1,13 @@
 """The COTS trainer: one linear file in banner sections (design §2).
 
-  optimizer | state | update step | VQ tokenizer | checkpoint | evals | train_and_evaluate
-  (logging, mesh, data, model, state, loop)
+  optimizer | state | update step | evals | train_and_evaluate
+  (logging & workdir, mesh, data, VQ tokenizer, model & state, update step, checkpoint,
+  evals, loop)
 
 The only place where the model, the losses, the queue, EMA, the optimizer and sharding meet.
 One jitted `update(state, batch) -> (state, metrics)` with donated state does a whole step
-(design §3); metrics are read on the host only every `log_every` steps.
+(design §3); metrics are read on the host only every `log_every` steps. Checkpoints, resume,
+init_from, preemption and the workdir guard rails live in cots_jax/checkpoint.py.
 """
 
 import functools
@@ -15,14 +17,13 @@ import os
 import time
 
 from absl import logging
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
+from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import losses
 from cots_jax import momentum as momentum_lib
@@ -269,35 +270,6 @@ def jit_update(config, model, optimizer, mesh, state_shardings):
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
-# ---------------------------------------------------------------------------------- checkpoint
-
-
-def checkpoint_manager(workdir, config):
-  """Orbax manager of WORKDIR/checkpoints: the train state and the grain iterator, saved async."""
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           enable_async_checkpointing=True, create=True))
-
-
-def save_checkpoint(manager, state, train_iter):
-  step = int(jax.device_get(state["step"]))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
-
-
-def restore_checkpoint(manager, abstract_state, train_iter):
-  """Restores the latest complete checkpoint into `train_iter`; returns the state (or None)."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(train_iter)))
-  logging.info("Resumed from step %d of %s", step, manager.directory)
-  return restored["state"]
-
-
 # --------------------------------------------------------------------------------------- evals
 
 
@@ -343,15 +315,15 @@ def _eval_summary(results):
 def train_and_evaluate(config, workdir):
   """Trains COTS as `config` says, writing logs, metrics and checkpoints to `workdir`.
 
+  Resumes from WORKDIR's latest checkpoint when there is one. On SIGTERM it saves a checkpoint
+  at the current step and returns {} (cots_jax/checkpoint.py).
+
   Returns the metrics of the final evaluation (`{"eval/<name>/<metric>": value}`).
   """
-  # --- logging & workdir
+  # --- logging & workdir (fails here if it is unwritable or holds a run of another shape)
   config_validation.validate(config)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  checkpoint.prepare_workdir(workdir, config, write_config=is_chief)
   writer = MetricWriter(workdir, enabled=is_chief)
 
   # --- mesh
@@ -378,11 +350,16 @@ def train_and_evaluate(config, workdir):
   # --- update step
   update = jit_update(config, model, optimizer, mesh, state_shardings)
 
-  # --- checkpoint
-  manager = checkpoint_manager(workdir, config)
-  abstract_sharded = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-  state = restore_checkpoint(manager, abstract_sharded, train_iter) or state
+  # --- checkpoint: resume from the latest complete one, else config.init_from, else fresh
+  manager = checkpoint.checkpoint_manager(workdir, config)
+  checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(abstract))
+  if manager.latest_step() is not None:
+    del state  # freed before the restored state is allocated
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    state = checkpoint.restore_checkpoint(manager, abstract_sharded, train_iter)
+  elif config.init_from:
+    state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
 
   # --- evals
   evaluator = retrieval.RetrievalEvaluator("retrieval", eval_split, ks=tuple(config.eval.ks),
@@ -395,39 +372,55 @@ def train_and_evaluate(config, workdir):
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, disable=not is_chief,
                        unit="step", dynamic_ncols=True, desc="train")
   last_log_time, last_log_step, eval_seconds = time.perf_counter(), start_step, 0.0
-  results = {}
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = sharding.global_batch(next(train_iter), mesh)
-    state, metrics = update(state, batch)
-    progress.update(1)
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)
-      if not math.isfinite(metrics["train/loss"]):
-        raise FloatingPointError(
-            f"non-finite train/loss={metrics['train/loss']} at step {step}; stopping without "
-            "saving this state (the last good checkpoint is kept)")
-      elapsed = time.perf_counter() - last_log_time - eval_seconds
-      metrics["train/pairs_per_sec"] = (step - last_log_step) * config.input.batch_size / elapsed
-      writer.write(step, metrics)
-      progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                           pairs_s=f"{metrics['train/pairs_per_sec']:.0f}")
-      last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
-    is_last = step == config.total_steps
-    if is_last or (config.eval_every and step % config.eval_every == 0):
-      eval_start = time.perf_counter()
-      results = run_evals(evaluator, embed_fns, state)
-      writer.write(step, results)
-      logging.info("step %d eval: %s", step, _eval_summary(results))
-      progress.write(f"step {step}: {_eval_summary(results)}")
-      eval_seconds += time.perf_counter() - eval_start
-    if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
-      if not math.isfinite(float(jax.device_get(metrics["train/loss"]))):
-        raise FloatingPointError(f"non-finite train/loss at step {step}; not saving it")
-      save_checkpoint(manager, state, train_iter)
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
+  results, preempted = {}, False
+  with checkpoint.PreemptionWatch() as preemption:
+    try:
+      for step in range(start_step + 1, config.total_steps + 1):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = update(state, batch)
+        progress.update(1)
+        if step % config.log_every == 0 or step == config.total_steps:
+          metrics = jax.device_get(metrics)
+          # The gradient too: AMF gives a pair with non-finite scores weight 0, hiding it from
+          # the loss.
+          non_finite = [f"{name}={metrics[name]}" for name in ("train/loss", "train/grad_norm")
+                        if not math.isfinite(metrics[name])]
+          if non_finite:
+            raise FloatingPointError(
+                f"non-finite {', '.join(non_finite)} at step {step}; stopping without saving "
+                f"this state (the last good checkpoint, step {manager.latest_step()}, is kept)")
+          elapsed = time.perf_counter() - last_log_time - eval_seconds
+          metrics["train/pairs_per_sec"] = ((step - last_log_step) * config.input.batch_size
+                                            / elapsed)
+          writer.write(step, metrics)
+          progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                               pairs_s=f"{metrics['train/pairs_per_sec']:.0f}")
+          last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
+        is_last = step == config.total_steps
+        preempted = not is_last and preemption.requested(step)
+        if not preempted and (is_last or (config.eval_every and step % config.eval_every == 0)):
+          eval_start = time.perf_counter()
+          results = run_evals(evaluator, embed_fns, state)
+          writer.write(step, results)
+          logging.info("step %d eval: %s", step, _eval_summary(results))
+          progress.write(f"step {step}: {_eval_summary(results)}")
+          eval_seconds += time.perf_counter() - eval_start
+        if (is_last or preempted
+            or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+          checkpoint.save_checkpoint(manager, step, state, train_iter)
+        if preempted:
+          message = (f"{preemption.signal_received or 'preemption notice'}: saved checkpoint "
+                     f"{step} in {manager.directory} and stopped; run the same command again to "
+                     "resume from it")
+          logging.warning(message)
+          progress.write(message)
+          break
+    finally:
+      progress.close()
+      checkpoint.finish(manager)
   writer.close()
+  if preempted:
+    return {}
   if is_chief and results:
     with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)

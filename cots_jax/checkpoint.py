@@ -1,0 +1,312 @@
+"""Checkpoints that survive anything: Orbax state + grain iterator, resume, preemption, guards.
+
+On disk, WORKDIR/checkpoints/<step>/ holds one step as two Orbax items:
+  state/  the whole train state (design §3: params, params_ema, opt, queue, amf, vq, rng, step,
+          data_skipped) as OCDBT / tensorstore array files plus JSON metadata;
+  data/   the grain iterator state, one JSON file per process.
+No pickle is written or read. Saves are async: `save_checkpoint` blocks the loop only for the
+device-to-host copy and writes in the background into `<step>.orbax-checkpoint-tmp*`, which Orbax
+renames to `<step>` once every file is written (plus `commit_success.txt` on object stores). A
+save that dies half-way (SIGKILL, full disk) leaves only such a tmp directory, which
+`latest_step()` and restore ignore, so the last complete checkpoint stays the latest.
+
+Resume: a run started in a workdir with checkpoints restores the latest complete one into the
+current mesh's shardings (any device count) and continues with exactly the batches, queues, AMF
+statistics and random keys an uninterrupted run would have had. The restarted run appends to
+metrics.jsonl, so the steps that the stopped run logged after its last checkpoint appear twice
+with the same values; readers keep the last record of each step (the run that went on).
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+
+from absl import logging
+import grain
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+from cots_jax import vq_trainer
+
+# Fields under config.model that leave the parameter shapes alone; every other model field
+# (also ones added later) counts as a change of shape.
+MODEL_FIELDS_KEEPING_SHAPES = (
+    "dtype", "remat", "pool", "mvlm_global_src", "mvlm_global_stopgrad", "image.dropout",
+    "image.init", "text.dropout", "text.init", "text.layer_norm_eps")
+# Fields outside config.model that shape the train state.
+STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
+                      "temp.learnable")
+
+
+# ------------------------------------------------------------------------------------- workdir
+
+
+def _dotted_leaves(tree, prefix=""):
+  """{"a.b.c": value} for every non-dict value of a nested dict."""
+  leaves = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      leaves.update(_dotted_leaves(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
+
+
+def state_shape_fields(config_dict):
+  """The config fields (dotted names) that fix the shapes of the train state, with values.
+
+  Args:
+    config_dict: the config as plain JSON data (`json.loads(config.to_json_best_effort())`).
+  """
+  values = _dotted_leaves(config_dict)
+  keep = {f"model.{name}" for name in MODEL_FIELDS_KEEPING_SHAPES}
+  names = [n for n in values if n.startswith("model.") and n not in keep] + list(STATE_SHAPE_FIELDS)
+  return {name: values.get(name) for name in names}
+
+
+def changed_shape_fields(saved, config_dict):
+  """Lines `config.<field>: saved <a>, now <b>` for every shape field that differs."""
+  before, now = _dotted_leaves(saved), state_shape_fields(config_dict)
+  return [f"config.{name}: saved {before.get(name)!r}, now {value!r}"
+          for name, value in now.items() if before.get(name) != value]
+
+
+def prepare_workdir(workdir, config, write_config=True):
+  """Makes WORKDIR, proves it writable, checks its saved config.json, then writes the new one.
+
+  Raises:
+    OSError when WORKDIR cannot be made or written (at start, before any work).
+    ValueError listing, one line per field, the shape fields (`state_shape_fields`) in which the
+      config.json already in WORKDIR differs from `config`, unless `config.allow_config_change`.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise OSError(f"workdir {workdir!r} is not writable: {error}") from error
+  config_dict = json.loads(config.to_json_best_effort())
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      changes = changed_shape_fields(json.load(f), config_dict)
+    if changes and not config.allow_config_change:
+      raise ValueError(
+          f"{path} was saved with another model shape; its checkpoints would not fit:\n  "
+          + "\n  ".join(changes)
+          + "\nUse a new workdir, or set --config.allow_config_change=true to start anyway.")
+    if changes:
+      logging.warning("config.allow_config_change: the shape of the state changed:\n  %s",
+                      "\n  ".join(changes))
+  if write_config:  # atomically: other processes may be reading the old file
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
+def state_bytes(abstract_state):
+  """Bytes of the train state (arrays or ShapeDtypeStructs), uncompressed."""
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
+
+
+def check_free_space(directory, required_bytes):
+  """Raises OSError at start when `directory` has less free space than one checkpoint needs."""
+  free = shutil.disk_usage(directory).free
+  if free < required_bytes:
+    raise OSError(f"{directory} has {free / 1e6:.1f} MB free, a checkpoint of this state needs "
+                  f"up to {required_bytes / 1e6:.1f} MB; free some space or use another workdir")
+
+
+# ------------------------------------------------------------------------------- save, restore
+
+
+def checkpoint_manager(workdir, config):
+  """Orbax manager of WORKDIR/checkpoints (items `state` and `data`), async, keeping the last
+  `config.keep_checkpoints`."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           enable_async_checkpointing=True, create=True))
+
+
+@contextlib.contextmanager
+def _reported_save_errors(manager):
+  """Re-raises any failure of a save (also of the async part, which surfaces at the next save or
+  wait) as one clear OSError."""
+  try:
+    yield
+  except Exception as error:  # Orbax / tensorstore raise many types; all mean "not saved".
+    raise OSError(
+        f"saving a checkpoint to {manager.directory} failed: {error}\nNothing half-written "
+        "is taken for a checkpoint: an unfinished save stays in a *.orbax-checkpoint-tmp* "
+        "directory, which restore ignores.") from error
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def save_checkpoint(manager, step, state, train_iter):
+  """Starts the async save of `state` and the iterator position as checkpoint `step`.
+
+  Blocks the loop while the state is copied to the host (and, first, until the previous async
+  save is written). Checks before (one host sync) that the online and momentum parameters are
+  finite, so no broken state ever becomes a checkpoint.
+
+  Raises:
+    FloatingPointError naming the step when a parameter is NaN or inf (nothing is saved).
+    OSError when this save or the previous async one failed.
+  """
+  if not bool(_all_finite({"params": state["params"], "params_ema": state["params_ema"]})):
+    raise FloatingPointError(
+        f"non-finite parameters at step {step}; not saving them (the last good checkpoint, "
+        f"step {manager.latest_step()}, is kept)")
+  with _reported_save_errors(manager):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+
+
+def finish(manager):
+  """Waits for the async save in flight, then closes the manager (call before exiting)."""
+  try:
+    with _reported_save_errors(manager):
+      manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def _shapes_by_path(tree):
+  """{"a/b/c": shape} for every leaf (arrays, ShapeDtypeStructs or Orbax ArrayMetadata)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_differences(expected, found):
+  """Lines naming the leaves missing from `found`, unexpected in it, or of another shape.
+
+  Args:
+    expected: the tree wanted (arrays or ShapeDtypeStructs).
+    found: the tree on disk (Orbax metadata: leaves with `.shape`).
+  """
+  want, have = _shapes_by_path(expected), _shapes_by_path(found)
+  return ([f"missing: {p} {want[p]}" for p in sorted(want.keys() - have.keys())]
+          + [f"unexpected: {p} {have[p]}" for p in sorted(have.keys() - want.keys())]
+          + [f"mis-shaped: {p} is {have[p]} in the checkpoint, {want[p]} here"
+             for p in sorted(want.keys() & have.keys()) if want[p] != have[p]])
+
+
+def restore_checkpoint(manager, abstract_state, train_iter):
+  """Restores the latest complete checkpoint into `train_iter`; returns the state (or None).
+
+  Args:
+    manager: from `checkpoint_manager`.
+    abstract_state: ShapeDtypeStructs with the shardings of the current mesh; the arrays are
+      resharded to them, whatever mesh wrote the checkpoint.
+    train_iter: the grain iterator; set to the position saved with the state.
+
+  Raises:
+    ValueError listing the missing / unexpected / mis-shaped leaves when the checkpoint's state
+    does not have the structure of `abstract_state`.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  differences = tree_differences(abstract_state, manager.item_metadata(step)["state"].tree)
+  if differences:
+    raise ValueError(f"checkpoint {step} in {manager.directory} does not fit the configured "
+                     "train state:\n  " + "\n  ".join(differences))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
+  logging.info("Resumed from step %d of %s", step, manager.directory)
+  return restored["state"]
+
+
+# ---------------------------------------------------------------------------------- init_from
+
+
+def load_towers(path, state, use_ema=False):
+  """`state` with params (and params_ema) of another run's latest checkpoint, for fine-tuning.
+
+  The optimizer, queues, AMF statistics, step and rng of `state` stay as they are (fresh).
+
+  Args:
+    path: that run's workdir, or its checkpoints directory.
+    state: the fresh train state (its params give the wanted shapes and shardings).
+    use_ema: True loads the run's momentum towers into params_ema; False starts params_ema as a
+      copy of the loaded params (the momentum encoder starts equal to the online one).
+
+  Raises:
+    FileNotFoundError when there is no complete checkpoint; ValueError listing the missing,
+    unexpected and mis-shaped parameters when the trees do not match.
+  """
+  directory = os.path.abspath(path)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init_from={path!r}: no complete checkpoint in {directory}")
+  names = ("params", "params_ema") if use_ema else ("params",)
+  target = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"]) for name in names}
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init_from={path!r}: no complete checkpoint in {directory}")
+    saved = manager.item_metadata(step)["state"].tree
+    differences = tree_differences(target, {name: saved.get(name, {}) for name in names})
+    if differences:
+      raise ValueError(f"config.init_from={path!r} (step {step}) does not fit this model:\n  "
+                       + "\n  ".join(differences))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  logging.info("Loaded %s from step %d of %s", " and ".join(names), step, directory)
+  params_ema = restored["params_ema"] if use_ema else jax.tree.map(jnp.copy, restored["params"])
+  return dict(state, params=restored["params"], params_ema=params_ema)
+
+
+# --------------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatch:
+  """Turns SIGTERM (what TPU / SLURM preemption sends) into a request to stop at a step boundary.
+
+  Use as a context manager around the loop and ask `requested(step)` once per step: a Python
+  flag, no host sync. With several processes JAX's own preemption notifier (started by
+  jax.distributed) catches the signal and `requested` is its sync point, True on every process
+  at the same step.
+  """
+
+  def __init__(self):
+    self.signal_received = None
+    self._previous_handler = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    self.signal_received = signal.Signals(signum).name
+
+  def requested(self, step):
+    """True when the run should save at `step` and stop."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signal_received is not None
