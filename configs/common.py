@@ -218,9 +218,15 @@ def base_config(size="tiny"):
   c.input.data.captions_key = "captions"
   c.input.data.caption_text_key = ""  # coco_captions: "text" (captions are dicts)
 
+  # Devices as [(axis, size)], one size -1 = the rest. FSDP: [("data", -1), ("fsdp", 8)].
   c.mesh = [("data", -1)]
-  # [(regex, spec)] over "/"-joined state paths; the first match wins, the rest is replicated.
-  c.sharding_rules = []
+  # [(regex, spec)] searched in "/"-joined state paths ("params/image/...", "opt/...",
+  # "queue/img"); the first match wins, unmatched leaves are replicated. spec: a tuple of mesh
+  # axes / None per dim, or "fsdp" = split the largest dim divisible by the mesh's "fsdp" axis
+  # (replicated when the mesh has none, or below fsdp_min_size elements). Queues are replicated;
+  # ("^queue/(img|txt|idx|valid)", ("data",)) shards them along K instead.
+  c.sharding_rules = [("^queue/", ()), (".*", "fsdp")]
+  c.fsdp_min_size = 2**14
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250

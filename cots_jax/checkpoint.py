@@ -10,6 +10,10 @@ renames to `<step>` once every file is written (plus `commit_success.txt` on obj
 save that dies half-way (SIGKILL, full disk) leaves only such a tmp directory, which
 `latest_step()` and restore ignore, so the last complete checkpoint stays the latest.
 
+WORKDIR, `config.init_from` and `config.vq.init` may be local paths or gs:// URLs (a TPU pod's
+workers share one bucket; cots_jax/paths.py): every file goes through etils.epath, which Orbax
+uses too. gs:// is the only object store Orbax's array writer (tensorstore) supports.
+
 Resume: a run started in a workdir with checkpoints restores the latest complete one into the
 current mesh's shardings (any device count) and continues with exactly the batches, queues, AMF
 statistics and random keys an uninterrupted run would have had. The restarted run appends to
@@ -19,18 +23,19 @@ with the same values; readers keep the last record of each step (the run that we
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import tempfile
+import uuid
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from cots_jax import paths
 from cots_jax import vq_trainer
 
 # Fields under config.model that leave the parameter shapes alone; every other model field
@@ -79,22 +84,28 @@ def changed_shape_fields(saved, config_dict):
 def prepare_workdir(workdir, config, write_config=True):
   """Makes WORKDIR, proves it writable, checks its saved config.json, then writes the new one.
 
+  WORKDIR is a local path or a gs:// URL (cots_jax/paths.py). Writability is proven by writing
+  and deleting a small file of a unique name (every process of a pod probes the same bucket).
+  The new config.json is written next to it and renamed over it, so a reader sees the old or the
+  new file, never half of one.
+
   Raises:
     OSError when WORKDIR cannot be made or written (at start, before any work).
     ValueError listing, one line per field, the shape fields (`state_shape_fields`) in which the
       config.json already in WORKDIR differs from `config`, unless `config.allow_config_change`.
   """
+  directory = epath.Path(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as error:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-probe-{uuid.uuid4().hex}"
+    probe.write_text("probe")
+    probe.unlink()
+  except Exception as error:  # Object stores also raise auth and HTTP errors that are no OSError.
     raise OSError(f"workdir {workdir!r} is not writable: {error}") from error
   config_dict = json.loads(config.to_json_best_effort())
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      changes = changed_shape_fields(json.load(f), config_dict)
+  path = directory / "config.json"
+  if path.exists():
+    changes = changed_shape_fields(json.loads(path.read_text()), config_dict)
     if changes and not config.allow_config_change:
       raise ValueError(
           f"{path} was saved with another model shape; its checkpoints would not fit:\n  "
@@ -103,10 +114,10 @@ def prepare_workdir(workdir, config, write_config=True):
     if changes:
       logging.warning("config.allow_config_change: the shape of the state changed:\n  %s",
                       "\n  ".join(changes))
-  if write_config:  # atomically: other processes may be reading the old file
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+  if write_config:
+    staged = directory / "config.json.tmp"
+    staged.write_text(config.to_json_best_effort(indent=2))
+    staged.replace(path)
 
 
 def state_bytes(abstract_state):
@@ -115,7 +126,11 @@ def state_bytes(abstract_state):
 
 
 def check_free_space(directory, required_bytes):
-  """Raises OSError at start when `directory` has less free space than one checkpoint needs."""
+  """Raises OSError at start when the local `directory` has less free space than one checkpoint
+  needs. A bucket (gs://) has no such limit that a client could ask for: not checked, logged."""
+  if not paths.is_local(directory):
+    logging.info("%s is not on a local disk: not checking its free space", directory)
+    return
   free = shutil.disk_usage(directory).free
   if free < required_bytes:
     raise OSError(f"{directory} has {free / 1e6:.1f} MB free, a checkpoint of this state needs "
@@ -129,7 +144,7 @@ def checkpoint_manager(workdir, config):
   """Orbax manager of WORKDIR/checkpoints (items `state` and `data`), async, keeping the last
   `config.keep_checkpoints`."""
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      paths.absolute(workdir) / "checkpoints",
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
@@ -239,7 +254,7 @@ def load_towers(path, state, use_ema=False):
   The optimizer, queues, AMF statistics, step and rng of `state` stay as they are (fresh).
 
   Args:
-    path: that run's workdir, or its checkpoints directory.
+    path: that run's workdir, or its checkpoints directory (local or gs://).
     state: the fresh train state (its params give the wanted shapes and shardings).
     use_ema: True loads the run's momentum towers into params_ema; False starts params_ema as a
       copy of the loaded params (the momentum encoder starts equal to the online one).
@@ -248,10 +263,10 @@ def load_towers(path, state, use_ema=False):
     FileNotFoundError when there is no complete checkpoint; ValueError listing the missing,
     unexpected and mis-shaped parameters when the trees do not match.
   """
-  directory = os.path.abspath(path)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.absolute(path)
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  if not directory.is_dir():
     raise FileNotFoundError(f"config.init_from={path!r}: no complete checkpoint in {directory}")
   names = ("params", "params_ema") if use_ema else ("params",)
   target = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"]) for name in names}

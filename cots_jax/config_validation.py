@@ -4,6 +4,7 @@ Every problem is reported as a `ValueError` with one line that names the field (
 """
 
 import math
+import re
 
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
@@ -27,6 +28,7 @@ POSITIVE_INTS = (
     "model.text.heads", "model.text.max_positions", "vq.codebook_size", "vq.code_dim", "vq.hidden",
     "vq.batch_size", "queue.size", "input.batch_size", "input.max_len",
     "input.data.num_train_images", "input.data.num_eval_images", "eval.batch_size", "eval.chunk",
+    "fsdp_min_size",
 )
 NON_NEGATIVE = (
     "eval_every", "checkpoint_every", "vq.steps", "loss.itc", "loss.mlm", "loss.mvm",
@@ -69,6 +71,7 @@ def validate(config):
   _validate_model(config)
   _validate_training(config)
   _validate_input(config)
+  _validate_sharding(config)
 
 
 def _validate_model(config):
@@ -119,3 +122,25 @@ def amf_warmup_steps(config):
   """`amf.warmup_steps` in steps: values below 1 are a fraction of `total_steps` (design §8.2)."""
   warmup = config.amf.warmup_steps
   return int(round(warmup * config.total_steps)) if warmup < 1 else int(warmup)
+
+
+def _validate_sharding(config):
+  axes = [axis for axis, _ in config.mesh]
+  if not axes or len(set(axes)) != len(axes) or any(
+      not isinstance(size, int) or (size < 1 and size != -1) for _, size in config.mesh):
+    _fail("mesh", config.mesh, "must be [(axis, size), ...] with distinct axes and sizes >= 1 "
+          "or -1 (the rest), e.g. [('data', -1), ('fsdp', 8)]")
+  for rule in config.sharding_rules:
+    if len(rule) != 2:
+      _fail("sharding_rules", rule, "must be (regex, spec) pairs")
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      _fail("sharding_rules", rule, f"has an invalid regex: {e}")
+    if spec == "fsdp":
+      continue
+    entries = [] if isinstance(spec, str) else [e for e in spec if e is not None]
+    names = [n for e in entries for n in ((e,) if isinstance(e, str) else e)]
+    if isinstance(spec, str) or any(n not in axes for n in names):
+      _fail("sharding_rules", rule, f"spec must be 'fsdp' or a tuple of mesh axes {axes} / None")

@@ -42,13 +42,32 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(mesh.axis_names))
 
 
-def tree_shardings(abstract_tree, mesh, rules=()):
+def fsdp_spec(shape, mesh, min_size, axis="fsdp"):
+  """PartitionSpec that splits the largest dimension divisible by the mesh's `axis` size.
+
+  Arrays with fewer than `min_size` elements, meshes without `axis` and shapes with no divisible
+  dimension stay replicated (`P()`): gathering a small array costs more than storing it.
+  """
+  if axis not in mesh.shape or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  divisible = [d for d, size in enumerate(shape) if size % mesh.shape[axis] == 0]
+  if not divisible:
+    return P()
+  largest = max(divisible, key=lambda d: shape[d])
+  return P(*(axis if d == largest else None for d in range(len(shape))))
+
+
+def tree_shardings(abstract_tree, mesh, rules=(), fsdp_min_size=2**14):
   """NamedShardings for every leaf of `abstract_tree` from `(regex, spec)` rules.
 
   Args:
     abstract_tree: pytree of arrays or ShapeDtypeStructs.
     mesh: the device mesh.
-    rules: sequence of `(regex, spec)`, spec a tuple of mesh-axis names / None per array dim.
+    rules: sequence of `(regex, spec)`; spec is a tuple of mesh-axis names / None per array dim
+      (`()` replicates), or the string "fsdp" for `fsdp_spec`. Rules are searched in the
+      "/"-joined leaf path, so a rule for "params/.../kernel" also places that kernel's EMA copy
+      and its optimizer moments ("params_ema/...", "opt/.../mu/...").
+    fsdp_min_size: arrays with fewer elements stay replicated under an "fsdp" rule.
 
   Returns:
     pytree of NamedSharding with the structure of `abstract_tree`.
@@ -58,11 +77,14 @@ def tree_shardings(abstract_tree, mesh, rules=()):
   def leaf_sharding(path, leaf):
     name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     for pattern, spec in compiled:
-      if pattern.search(name):
-        if len(spec) > len(leaf.shape):
-          raise ValueError(f"sharding rule {pattern.pattern!r} gives {spec} to {name} "
-                           f"of rank {len(leaf.shape)}")
-        return NamedSharding(mesh, P(*spec))
+      if not pattern.search(name):
+        continue
+      if spec == "fsdp":
+        return NamedSharding(mesh, fsdp_spec(leaf.shape, mesh, fsdp_min_size))
+      if isinstance(spec, str) or len(spec) > len(leaf.shape):
+        raise ValueError(f"sharding rule {pattern.pattern!r} gives {spec!r} to {name} of rank "
+                         f"{len(leaf.shape)}; use a tuple of at most that many axes, or 'fsdp'")
+      return NamedSharding(mesh, P(*spec))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
@@ -73,3 +95,13 @@ def global_batch(host_batch, mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+
+
+def replicate_globally(host_tree):
+  """Host-local arrays, identical on every process (e.g. the frozen VQ tokenizer trained alike on
+  each host), as global arrays replicated on all devices of all processes: what Orbax saves and
+  what a jitted step takes in multi-process runs."""
+  mesh = Mesh(np.asarray(jax.devices()), ("all",))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x)),
+      host_tree)

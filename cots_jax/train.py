@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from orbax.checkpoint import multihost as ocp_multihost
 import tqdm
 
 from cots_jax import checkpoint
@@ -103,19 +104,34 @@ def init_state(config, model, optimizer, vq_variables, rng):
   }
 
 
+def abstract_state(config, model, optimizer, vq_variables, mesh):
+  """The train state's ShapeDtypeStructs, each carrying its NamedSharding from
+  `config.sharding_rules` on `mesh`; nothing is allocated (`vq_variables` may be abstract too)."""
+  abstract = jax.eval_shape(functools.partial(init_state, config, model, optimizer),
+                            vq_variables, jax.random.PRNGKey(config.seed))
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules,
+                                      config.fsdp_min_size)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def state_shardings_of(abstract):
+  """The NamedSharding tree of an `abstract_state`."""
+  return jax.tree.map(lambda a: a.sharding, abstract)
+
+
 def create_state(config, model, optimizer, vq_variables, mesh):
-  """Shapes first, then shardings from `config.sharding_rules`, then a jitted init with
-  `out_shardings`, so no state is ever whole on one device (design §3).
+  """Shapes first, then shardings, then a jitted init with `out_shardings`, so no state is ever
+  whole on one device (design §3).
 
   Returns:
-    (state, state_shardings, abstract_state).
+    (state, abstract_state): the state and its sharded ShapeDtypeStructs.
   """
+  abstract = abstract_state(config, model, optimizer, vq_variables, mesh)
   init_fn = functools.partial(init_state, config, model, optimizer)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, vq_variables, rng)
-  state_shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  state = jax.jit(init_fn, out_shardings=state_shardings)(vq_variables, rng)
-  return state, state_shardings, abstract
+  state = jax.jit(init_fn, out_shardings=state_shardings_of(abstract))(
+      vq_variables, jax.random.PRNGKey(config.seed))
+  return state, abstract
 
 
 # --------------------------------------------------------------------------------- update step
@@ -338,12 +354,13 @@ def train_and_evaluate(config, workdir):
   eval_split = pipeline.make_eval_split(config)
 
   # --- VQ tokenizer (frozen; trained first in this workdir when config.vq.init is empty)
-  vq_variables = vq_trainer.obtain_tokenizer(config, workdir, writer)
+  vq_variables = sharding.replicate_globally(vq_trainer.obtain_tokenizer(config, workdir, writer))
 
   # --- model & state
   model = cots_model.CotsModel.from_config(config)
   optimizer = make_optimizer(config)
-  state, state_shardings, abstract = create_state(config, model, optimizer, vq_variables, mesh)
+  state, abstract = create_state(config, model, optimizer, vq_variables, mesh)
+  state_shardings = state_shardings_of(abstract)
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
   logging.info("COTS model: %.2fM parameters (online towers + heads)", num_params / 1e6)
 
@@ -355,9 +372,7 @@ def train_and_evaluate(config, workdir):
   checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(abstract))
   if manager.latest_step() is not None:
     del state  # freed before the restored state is allocated
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-    state = checkpoint.restore_checkpoint(manager, abstract_sharded, train_iter)
+    state = checkpoint.restore_checkpoint(manager, abstract, train_iter)
   elif config.init_from:
     state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
 
@@ -366,8 +381,16 @@ def train_and_evaluate(config, workdir):
                                            chunk=config.eval.chunk)
   embed_fns = make_embed_fns(model)
 
-  # --- loop
+  # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
+  # give up when the processes reach the first one more than 30 s apart.
   start_step = int(jax.device_get(state["step"]))
+  first_batch = sharding.global_batch(next(train_iter), mesh)
+  compile_start = time.perf_counter()
+  update = update.lower(state, first_batch).compile()
+  logging.info("update step compiled in %.1f s", time.perf_counter() - compile_start)
+  ocp_multihost.sync_global_processes("cots_update_step_compiled")
+
+  # --- loop
   writer.write(start_step, {"data/eval_skipped": eval_split.num_skipped})
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, disable=not is_chief,
                        unit="step", dynamic_ncols=True, desc="train")
@@ -376,7 +399,8 @@ def train_and_evaluate(config, workdir):
   with checkpoint.PreemptionWatch() as preemption:
     try:
       for step in range(start_step + 1, config.total_steps + 1):
-        batch = sharding.global_batch(next(train_iter), mesh)
+        batch = (first_batch if step == start_step + 1
+                 else sharding.global_batch(next(train_iter), mesh))
         state, metrics = update(state, batch)
         progress.update(1)
         if step % config.log_every == 0 or step == config.total_steps:

@@ -14,21 +14,25 @@ Both use the straight-through estimator for the encoder and the commitment loss
 starts at 0, so the first step re-seeds every code that got fewer than
 threshold / (1 - ema_decay) vectors (usually all of them): a data-dependent codebook init.
 
-A trained tokenizer lives in a directory (WORKDIR/vq) as Orbax params + `tokenizer.json` (its
-shape fields, checked against the config on load). Pre-training keeps `{"params": ...}` frozen as
-`state["vq"]`; with `config.vq.init` empty it trains one first (`obtain_tokenizer`).
+A trained tokenizer lives in a directory (WORKDIR/vq, local or gs://) as Orbax params +
+`tokenizer.json` (its shape fields, checked against the config on load). Pre-training keeps
+`{"params": ...}` frozen as `state["vq"]`; with `config.vq.init` empty it trains one first
+(`obtain_tokenizer`).
 """
 
 import json
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from cots_jax import paths
+from cots_jax import sharding
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import MetricWriter
 from cots_jax.models import vq
@@ -236,26 +240,28 @@ def _shape_record(config):
 
 
 def save_tokenizer(directory, params, config):
-  """Writes `params` (Orbax) and the tokenizer's shape fields (`tokenizer.json`) to `directory`."""
-  directory = os.path.abspath(directory)
+  """Writes `params` (Orbax) and the tokenizer's shape fields (`tokenizer.json`) to `directory`
+  (local or gs://)."""
+  directory = paths.absolute(directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, "params"), params, force=True)
+  checkpointer.save(directory / "params", sharding.replicate_globally(params), force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-      json.dump(_shape_record(config), f, indent=2)
+    (directory / "tokenizer.json").write_text(json.dumps(_shape_record(config), indent=2))
 
 
 def find_tokenizer_dir(path):
-  """`path` itself when it holds a saved tokenizer, else PATH/vq (a workdir); None if neither."""
-  for candidate in (path, os.path.join(path, "vq")):
-    if os.path.exists(os.path.join(candidate, "tokenizer.json")):
-      return os.path.abspath(candidate)
+  """`path` itself when it holds a saved tokenizer, else PATH/vq (a workdir), as an absolute
+  `epath.Path` (local or gs://); None if neither."""
+  path = paths.absolute(path)
+  for candidate in (path, path / "vq"):
+    if (candidate / "tokenizer.json").exists():
+      return candidate
   return None
 
 
 def load_tokenizer(path, config):
-  """Loads the tokenizer saved in `path` (or PATH/vq) as variables `{"params": ...}`.
+  """Loads the tokenizer saved in `path` (or PATH/vq; local or gs://) as `{"params": ...}`.
 
   Raises:
     FileNotFoundError when there is none; ValueError naming the `config.vq` / patch fields whose
@@ -264,14 +270,13 @@ def load_tokenizer(path, config):
   directory = find_tokenizer_dir(path)
   if directory is None:
     raise FileNotFoundError(f"config.vq.init={path!r}: no tokenizer.json in it or in its vq/")
-  with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads((directory / "tokenizer.json").read_text())
   wanted = _shape_record(config)
   differing = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
   if differing:
     raise ValueError(f"the tokenizer in {directory} does not match the config "
                      f"(field: saved, configured): {differing}")
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"))
+  params = ocp.StandardCheckpointer().restore(directory / "params")
   return {"params": jax.tree.map(jnp.asarray, params)}
 
 
@@ -306,8 +311,8 @@ def train_and_save(config, workdir):
   Training metrics go to WORKDIR/vq/metrics.jsonl as `vq/<name>`; the quality on the eval
   images is logged and returned. Returns variables `{"params": ...}`.
   """
-  directory = os.path.join(workdir, "vq")
-  os.makedirs(directory, exist_ok=True)
+  directory = epath.Path(workdir) / "vq"
+  directory.mkdir(parents=True, exist_ok=True)
   writer = MetricWriter(directory, enabled=jax.process_index() == 0)
   images = pipeline.make_image_iterator(config, config.vq.batch_size, config.seed)
   state = train_vq(config, (batch["image"] for batch in images), config.vq.steps,

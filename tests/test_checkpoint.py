@@ -9,7 +9,6 @@ compilation cache. Helpers below also run inside the multi-device children
 """
 
 import concurrent.futures
-import functools
 import json
 import os
 import resource
@@ -26,7 +25,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import pretrain
 from cots_jax import checkpoint
 from cots_jax import sharding
 from cots_jax import train
@@ -34,27 +32,12 @@ from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
+from support import REPO, TINY, subprocess_env, tiny_config, tiny_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "model.embed_dim": 16, "model.image.image_size": 24, "model.image.patch_size": 8,
-    "model.image.width": 32, "model.image.depth": 1, "model.text.width": 32,
-    "model.text.depth": 1, "vq.codebook_size": 16, "vq.hidden": 16, "input.batch_size": 8,
-    "queue.size": 32, "input.mvm_min_block": 2, "input.data.num_train_images": 40,
-    "input.data.num_eval_images": 20, "total_steps": 20, "optim.warmup_steps": 2,
-    "log_every": 1, "checkpoint_every": 4,
-}
 # Shards a queue and two parameter families (and their EMA / Adam moments) over "data".
 MESH_RULES = [("^queue/(img|txt)$", ("data", None)), ("mlp/fc1/kernel$", (None, "data")),
               ("word_embeddings/embedding$", (None, "data"))]
 TIMEOUT = 300
-
-
-def tiny_config(**overrides):
-  """`configs/pretrain.py:runlocal` with TINY and `overrides` (dotted names) applied."""
-  config = pretrain.get_config("runlocal")
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
 
 
 def flat(tree):
@@ -67,12 +50,7 @@ def abstract_state(config, mesh):
   """ShapeDtypeStructs of the train state with the shardings of `config.sharding_rules`."""
   model = cots_model.CotsModel.from_config(config)
   vq_variables = jax.eval_shape(lambda: vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)))
-  abstract = jax.eval_shape(
-      functools.partial(train.init_state, config, model, train.make_optimizer(config)),
-      vq_variables, jax.random.PRNGKey(0))
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return train.abstract_state(config, model, train.make_optimizer(config), vq_variables, mesh)
 
 
 def save_on_this_mesh(workdir, out_path):
@@ -112,19 +90,6 @@ def restore_on_this_mesh(workdir, out_path=None):
   return result
 
 
-def subprocess_env(devices=None):
-  """This environment for a child: CPU, the suite's compilation cache, `devices` fake devices
-  (None: the machine's one, exactly like this process, so compiled steps are shared)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-  env.pop("XLA_FLAGS", None)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
-
-
 def run_helper(call, devices):
   """Runs `test_checkpoint.<call>` in a child with `devices` fake CPU devices."""
   result = subprocess.run([sys.executable, "-c", f"import test_checkpoint as t; t.{call}"],
@@ -135,11 +100,10 @@ def run_helper(call, devices):
 
 def start_trainer(workdir, vq_dir, log_path):
   """`python -m cots_jax.main --config=configs/pretrain.py:runlocal` + TINY, output to a file."""
-  flags = [f"--config.{name}={value}" for name, value in TINY.items()]
   with open(log_path, "a", encoding="utf-8") as log:
     return subprocess.Popen(
         [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-         f"--workdir={workdir}", f"--config.vq.init={vq_dir}", *flags],
+         f"--workdir={workdir}", f"--config.vq.init={vq_dir}", *tiny_flags()],
         cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -376,7 +340,7 @@ def test_init_from_loads_towers_and_heads_and_leaves_the_rest_fresh(reference_ru
   mesh = sharding.make_mesh(config.mesh)
   model = cots_model.CotsModel.from_config(config)
   vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  fresh, _, _ = train.create_state(config, model, train.make_optimizer(config), vq_variables, mesh)
+  fresh, _ = train.create_state(config, model, train.make_optimizer(config), vq_variables, mesh)
   fresh_values = flat(fresh)
   saved = flat(ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", "20", "state")))

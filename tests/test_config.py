@@ -72,6 +72,13 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
     ("input.data.name", "captions_json",
      r"config.input.data.annotations='' must be set for input.data.name='captions_json'"),
+    ("mesh", [("data", -1), ("data", 2)], r"config.mesh=.* must be \[\(axis, size\)"),
+    ("mesh", [("data", 0)], r"config.mesh=.* with distinct axes and sizes >= 1"),
+    ("sharding_rules", [("params/(", "fsdp")], r"config.sharding_rules=.* invalid regex"),
+    ("sharding_rules", [(".*", ("model", None))],
+     r"config.sharding_rules=.* spec must be 'fsdp' or a tuple of mesh axes \['data'\]"),
+    ("sharding_rules", [(".*", "data")], r"config.sharding_rules=.* spec must be 'fsdp'"),
+    ("fsdp_min_size", 0, r"config.fsdp_min_size=0 must be a positive integer"),
 ])
 def test_invalid_values_fail_with_one_line_naming_the_field(field, value, message):
   config = pretrain.get_config()

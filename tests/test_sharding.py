@@ -39,3 +39,41 @@ def test_global_batch_keeps_values_and_shards_the_leading_axis():
   np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
   assert batch["id"].sharding.spec == P(("data",))
   assert sharding.replicated(mesh).spec == P()
+
+
+def test_fsdp_spec_splits_the_largest_divisible_dim_and_replicates_small_arrays():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)], devices=np.arange(8))
+  assert sharding.fsdp_spec((768, 3072), mesh, min_size=1) == P(None, "fsdp")
+  assert sharding.fsdp_spec((30522, 768), mesh, min_size=1) == P(None, "fsdp")  # 30522 % 4 != 0
+  assert sharding.fsdp_spec((12, 64, 768), mesh, min_size=1) == P(None, None, "fsdp")
+  assert sharding.fsdp_spec((6, 10), mesh, min_size=1) == P()  # nothing divisible by 4
+  assert sharding.fsdp_spec((768,), mesh, min_size=1024) == P()  # small
+  assert sharding.fsdp_spec((1024,), mesh, min_size=1024) == P("fsdp")
+  assert sharding.fsdp_spec((), mesh, min_size=0) == P()
+  data_only = sharding.make_mesh([("data", -1)], devices=np.arange(8))
+  assert sharding.fsdp_spec((768, 3072), data_only, min_size=1) == P()
+
+
+def test_tree_shardings_fsdp_rule_places_params_ema_and_moments_alike():
+  mesh = sharding.make_mesh([("data", 1), ("fsdp", 1)])
+  kernel = np.zeros((8, 16))
+  tree = {"params": {"fc": {"kernel": kernel, "bias": np.zeros(16)}},
+          "params_ema": {"fc": {"kernel": kernel}}, "opt": {"mu": {"fc": {"kernel": kernel}}},
+          "queue": {"img": np.zeros((64, 4))}}
+  got = sharding.tree_shardings(tree, mesh, [("^queue/", ()), (".*", "fsdp")], fsdp_min_size=64)
+  for part in ("params", "params_ema", "opt"):
+    leaf = got[part]["fc"]["kernel"] if part != "opt" else got["opt"]["mu"]["fc"]["kernel"]
+    assert leaf.spec == P(None, "fsdp"), part
+  assert got["params"]["fc"]["bias"].spec == P()
+  assert got["queue"]["img"].spec == P()
+  with pytest.raises(ValueError, match="use a tuple of at most that many axes, or 'fsdp'"):
+    sharding.tree_shardings(tree, mesh, [("bias", "data")])
+
+
+def test_replicate_globally_keeps_values_on_every_device():
+  tree = {"w": np.arange(6.0).reshape(2, 3), "n": np.int32(3)}
+  got = sharding.replicate_globally(tree)
+  assert got["w"].sharding.is_fully_replicated
+  assert len(got["w"].sharding.device_set) == jax.device_count()
+  np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"])
+  assert int(got["n"]) == 3

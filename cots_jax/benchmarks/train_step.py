@@ -84,8 +84,8 @@ def benchmark(config, warmup_steps, timed_steps):
   model = cots_model.CotsModel.from_config(config)
   optimizer = train.make_optimizer(config)
   vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  state, state_shardings, _ = train.create_state(config, model, optimizer, vq_variables, mesh)
-  update = train.jit_update(config, model, optimizer, mesh, state_shardings)
+  state, abstract = train.create_state(config, model, optimizer, vq_variables, mesh)
+  update = train.jit_update(config, model, optimizer, mesh, train.state_shardings_of(abstract))
 
   data = pipeline.make_train_iterator(config)
   batches = [sharding.global_batch(next(data), mesh) for _ in range(4)]

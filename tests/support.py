@@ -1,0 +1,45 @@
+"""Shared by the tests that start `cots_jax.main` or multi-device children: the tiny run config
+and the child processes' environment."""
+
+import os
+
+import jax
+
+from configs import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `configs/pretrain.py:runlocal` shrunk to compile in seconds (set as --config.<name>=<value>).
+TINY = {
+    "model.embed_dim": 16, "model.image.image_size": 24, "model.image.patch_size": 8,
+    "model.image.width": 32, "model.image.depth": 1, "model.text.width": 32,
+    "model.text.depth": 1, "vq.codebook_size": 16, "vq.hidden": 16, "input.batch_size": 8,
+    "queue.size": 32, "input.mvm_min_block": 2, "input.data.num_train_images": 40,
+    "input.data.num_eval_images": 20, "total_steps": 20, "optim.warmup_steps": 2,
+    "log_every": 1, "checkpoint_every": 4,
+}
+
+
+def tiny_config(**overrides):
+  """`configs/pretrain.py:runlocal` with TINY and `overrides` (dotted names) applied."""
+  config = pretrain.get_config("runlocal")
+  config.update_from_flattened_dict({**TINY, **overrides})
+  return config
+
+
+def tiny_flags(**overrides):
+  """TINY and `overrides` as `--config.<name>=<value>` command-line flags."""
+  return [f"--config.{name}={value}" for name, value in {**TINY, **overrides}.items()]
+
+
+def subprocess_env(devices=None):
+  """This environment for a child: CPU, the suite's compilation cache, `devices` fake devices
+  (None: the machine's one, exactly like this process, so compiled steps are shared)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
