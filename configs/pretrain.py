@@ -27,8 +27,12 @@ def flickr8k(config):
   data.images_dir = os.path.join(root, "images")
   data.train_splits, data.eval_split = ("train",), "test"
   config.input.augment = "crop_flip"
-  # About 1.7 epochs of the 30,000 pairs at ~32 pairs/s: ~30 minutes on 2 cores.
-  config.total_steps, config.optim.warmup_steps = 800, 80
+  # Towers from scratch on 6,000 photos: ITC alone at lr 3e-4 learns them within the budget
+  # (measured: t2i R@10 7.3% at 1,600 steps, where the full objective at lr 1e-3 reached 4.6% at
+  # 800). 1,600 steps = 3.4 epochs of the 30,000 pairs at ~80 pairs/s: ~25 minutes on 2 cores.
+  config.loss.update(mlm=0.0, mvm=0.0, kl_align=0.0)
+  config.optim.lr = 3e-4
+  config.total_steps, config.optim.warmup_steps = 1600, 100
   config.eval_every = config.checkpoint_every = 400
 
 
