@@ -13,10 +13,10 @@ init_from, preemption and the workdir guard rails live in cots_jax/checkpoint.py
 import functools
 import json
 import math
-import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +102,16 @@ def init_state(config, model, optimizer, vq_variables, rng):
       "rng": state_rng,
       "data_skipped": jnp.zeros((), jnp.int32),  # bad input examples skipped so far, all hosts
   }
+
+
+def make_mesh(config, devices=None):
+  """The mesh of `config.mesh` over `devices` (default all), checked against the global batch,
+  which every step splits over all of its devices."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  if config.input.batch_size % mesh.size:
+    raise ValueError(f"config.input.batch_size={config.input.batch_size} must be a multiple of "
+                     f"the {mesh.size} devices of the mesh")
+  return mesh
 
 
 def abstract_state(config, model, optimizer, vq_variables, mesh):
@@ -343,10 +353,7 @@ def train_and_evaluate(config, workdir):
   writer = MetricWriter(workdir, enabled=is_chief)
 
   # --- mesh
-  mesh = sharding.make_mesh(config.mesh)
-  if config.input.batch_size % mesh.size:
-    raise ValueError(f"config.input.batch_size={config.input.batch_size} must be a multiple of "
-                     f"the {mesh.size} devices of the mesh")
+  mesh = make_mesh(config)
 
   # --- data
   train_iter = pipeline.make_train_iterator(
@@ -446,6 +453,5 @@ def train_and_evaluate(config, workdir):
   if preempted:
     return {}
   if is_chief and results:
-    with open(os.path.join(workdir, "final_eval.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    (epath.Path(workdir) / "final_eval.json").write_text(json.dumps(results, indent=2))
   return results

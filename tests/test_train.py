@@ -191,3 +191,12 @@ def test_runlocal_trains_logs_evaluates_and_checkpoints(runlocal_workdir):
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == 120
   vq_quality = next(r for r in records if "vq/eval_perplexity" in r)
   assert vq_quality["vq/eval_recon_mse"] < vq_quality["vq/eval_mean_colour_mse"]
+
+
+def test_make_mesh_checks_that_the_global_batch_splits_over_the_devices():
+  config = tiny_config()
+  assert train.make_mesh(config).shape == {"data": jax.device_count()}
+  config.input.batch_size = 8
+  assert train.make_mesh(config, devices=np.arange(4)).shape == {"data": 4}
+  with pytest.raises(ValueError, match=r"config.input.batch_size=8 must be a multiple of the 3 "):
+    train.make_mesh(config, devices=np.arange(3))

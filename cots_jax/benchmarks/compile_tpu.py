@@ -137,10 +137,7 @@ def compile_update(config, devices):
   Returns:
     (compiled, abstract_state, mesh).
   """
-  mesh = sharding.make_mesh(config.mesh, devices)
-  if config.input.batch_size % mesh.size:
-    raise ValueError(f"config.input.batch_size={config.input.batch_size} must be a multiple of "
-                     f"the {mesh.size} devices of the mesh")
+  mesh = train.make_mesh(config, devices)
   model = cots_model.CotsModel.from_config(config)
   optimizer = train.make_optimizer(config)
   vq_variables = jax.eval_shape(lambda rng: vq_trainer.random_tokenizer(config, rng),
