@@ -331,7 +331,14 @@ def train_and_save(config, workdir):
 def obtain_tokenizer(config, workdir, writer):
   """The frozen tokenizer of a pre-training run: `config.vq.init`, else one already trained in
   WORKDIR/vq (a resumed run), else a new one trained here first. Logs its eval quality as
-  `vq/eval_*` at step 0 of `writer`."""
+  `vq/eval_*` at step 0 of `writer`. With `config.loss.mvm == 0` nothing reads the codes, so an
+  untrained tokenizer of the configured shape stands in (the state keeps one tree for every loss
+  mix) and nothing is trained or logged."""
+  if config.loss.mvm == 0:
+    message = "config.loss.mvm is 0: MVM is off, so no VQ tokenizer is trained or loaded"
+    logging.info(message)
+    print(message, flush=True)
+    return random_tokenizer(config, jax.random.PRNGKey(config.seed))
   if config.vq.init or find_tokenizer_dir(workdir) is not None:
     source = config.vq.init or workdir
     logging.info("Using the VQ tokenizer of %s", source)

@@ -47,6 +47,19 @@ def test_obtain_tokenizer_trains_once_then_reuses_the_workdir(tmp_path, capsys):
   assert len(quality) == 2 and quality[0]["vq/eval_perplexity"] > 1
 
 
+def test_obtain_tokenizer_with_mvm_off_trains_nothing(tmp_path, capsys):
+  config = _config()
+  config.loss.mvm = 0.0
+  config.vq.init = str(tmp_path / "nowhere")  # never read when MVM is off
+  writer = MetricWriter(str(tmp_path))
+  variables = vq_trainer.obtain_tokenizer(config, str(tmp_path), writer)
+  writer.close()
+  assert "MVM is off" in capsys.readouterr().out
+  assert not (tmp_path / "vq").exists() and read_metrics(str(tmp_path)) == []
+  expected = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(config.seed))
+  jax.tree.map(np.testing.assert_array_equal, variables, expected)
+
+
 def test_tokenizer_quality_against_numpy():
   config = _config()
   variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(0))
