@@ -4,7 +4,7 @@
   configs/pretrain.py:runlocal       the same, shrunk to a smoke test of about a minute
   configs/pretrain.py:data=flickr8k  tiny towers on real Flickr8k (train split; eval on the 1K
                                      test split) from $COTS_DATA_DIR/flickr8k, default
-                                     ../shared/data/flickr8k: about 30 min on 2 cores
+                                     ../shared/data/flickr8k: 32 min on 2 cores
   configs/pretrain.py:model=base     ViT-B/16 224 px + BERT-base, queue 65,536, bf16 (accelerators)
 Arguments combine with commas (`:runlocal,model=base`); every field is overridable on the command
 line (`--config.total_steps=40`).
@@ -29,7 +29,7 @@ def flickr8k(config):
   config.input.augment = "crop_flip"
   # Towers from scratch on 6,000 photos: ITC alone at lr 3e-4 learns them within the budget
   # (measured: t2i R@10 7.3% at 1,600 steps, where the full objective at lr 1e-3 reached 4.6% at
-  # 800). 1,600 steps = 3.4 epochs of the 30,000 pairs at ~80 pairs/s: ~25 minutes on 2 cores.
+  # 800). 1,600 steps = 3.4 epochs of the 30,000 pairs at ~56 pairs/s: 32 minutes on 2 cores.
   config.loss.update(mlm=0.0, mvm=0.0, kl_align=0.0)
   config.optim.lr = 3e-4
   config.total_steps, config.optim.warmup_steps = 1600, 100
