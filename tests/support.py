@@ -2,6 +2,7 @@
 and the child processes' environment."""
 
 import os
+import socket
 
 import jax
 
@@ -43,3 +44,10 @@ def subprocess_env(devices=None):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
+
+
+def free_port():
+  """A TCP port on 127.0.0.1 that nothing listens on now (for a jax.distributed coordinator)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
