@@ -342,10 +342,18 @@ def train_and_evaluate(config, workdir):
   """Trains COTS as `config` says, writing logs, metrics and checkpoints to `workdir`.
 
   Resumes from WORKDIR's latest checkpoint when there is one. On SIGTERM it saves a checkpoint
-  at the current step and returns {} (cots_jax/checkpoint.py).
+  at the current step and returns {} (cots_jax/checkpoint.py); a SIGTERM that arrives while the
+  run is being set up (VQ training, restore, compilation) saves after the first step instead of
+  killing the process.
 
   Returns the metrics of the final evaluation (`{"eval/<name>/<metric>": value}`).
   """
+  with checkpoint.PreemptionWatch() as preemption:
+    return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config, workdir, preemption):
+  """`train_and_evaluate`, with SIGTERM turned into `preemption.requested(step)`."""
   # --- logging & workdir (fails here if it is unwritable or holds a run of another shape)
   config_validation.validate(config)
   is_chief = jax.process_index() == 0
@@ -366,7 +374,7 @@ def train_and_evaluate(config, workdir):
   # --- model & state
   model = cots_model.CotsModel.from_config(config)
   optimizer = make_optimizer(config)
-  state, abstract = create_state(config, model, optimizer, vq_variables, mesh)
+  abstract = abstract_state(config, model, optimizer, vq_variables, mesh)
   state_shardings = state_shardings_of(abstract)
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
   logging.info("COTS model: %.2fM parameters (online towers + heads)", num_params / 1e6)
@@ -374,14 +382,16 @@ def train_and_evaluate(config, workdir):
   # --- update step
   update = jit_update(config, model, optimizer, mesh, state_shardings)
 
-  # --- checkpoint: resume from the latest complete one, else config.init_from, else fresh
+  # --- checkpoint: resume from the latest complete one (no fresh state is built first), else a
+  # fresh state, with the towers of config.init_from when set
   manager = checkpoint.checkpoint_manager(workdir, config)
   checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(abstract))
   if manager.latest_step() is not None:
-    del state  # freed before the restored state is allocated
     state = checkpoint.restore_checkpoint(manager, abstract, train_iter)
-  elif config.init_from:
-    state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
+  else:
+    state, _ = create_state(config, model, optimizer, vq_variables, mesh)
+    if config.init_from:
+      state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
 
   # --- evals
   evaluator = retrieval.RetrievalEvaluator("retrieval", eval_split, ks=tuple(config.eval.ks),
@@ -403,52 +413,51 @@ def train_and_evaluate(config, workdir):
                        unit="step", dynamic_ncols=True, desc="train")
   last_log_time, last_log_step, eval_seconds = time.perf_counter(), start_step, 0.0
   results, preempted = {}, False
-  with checkpoint.PreemptionWatch() as preemption:
-    try:
-      for step in range(start_step + 1, config.total_steps + 1):
-        batch = (first_batch if step == start_step + 1
-                 else sharding.global_batch(next(train_iter), mesh))
-        state, metrics = update(state, batch)
-        progress.update(1)
-        if step % config.log_every == 0 or step == config.total_steps:
-          metrics = jax.device_get(metrics)
-          # The gradient too: AMF gives a pair with non-finite scores weight 0, hiding it from
-          # the loss.
-          non_finite = [f"{name}={metrics[name]}" for name in ("train/loss", "train/grad_norm")
-                        if not math.isfinite(metrics[name])]
-          if non_finite:
-            raise FloatingPointError(
-                f"non-finite {', '.join(non_finite)} at step {step}; stopping without saving "
-                f"this state (the last good checkpoint, step {manager.latest_step()}, is kept)")
-          elapsed = time.perf_counter() - last_log_time - eval_seconds
-          metrics["train/pairs_per_sec"] = ((step - last_log_step) * config.input.batch_size
-                                            / elapsed)
-          writer.write(step, metrics)
-          progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                               pairs_s=f"{metrics['train/pairs_per_sec']:.0f}")
-          last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
-        is_last = step == config.total_steps
-        preempted = not is_last and preemption.requested(step)
-        if not preempted and (is_last or (config.eval_every and step % config.eval_every == 0)):
-          eval_start = time.perf_counter()
-          results = run_evals(evaluator, embed_fns, state)
-          writer.write(step, results)
-          logging.info("step %d eval: %s", step, _eval_summary(results))
-          progress.write(f"step {step}: {_eval_summary(results)}")
-          eval_seconds += time.perf_counter() - eval_start
-        if (is_last or preempted
-            or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-          checkpoint.save_checkpoint(manager, step, state, train_iter)
-        if preempted:
-          message = (f"{preemption.signal_received or 'preemption notice'}: saved checkpoint "
-                     f"{step} in {manager.directory} and stopped; run the same command again to "
-                     "resume from it")
-          logging.warning(message)
-          progress.write(message)
-          break
-    finally:
-      progress.close()
-      checkpoint.finish(manager)
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = (first_batch if step == start_step + 1
+               else sharding.global_batch(next(train_iter), mesh))
+      state, metrics = update(state, batch)
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics = jax.device_get(metrics)
+        # The gradient too: AMF gives a pair with non-finite scores weight 0, hiding it from
+        # the loss.
+        non_finite = [f"{name}={metrics[name]}" for name in ("train/loss", "train/grad_norm")
+                      if not math.isfinite(metrics[name])]
+        if non_finite:
+          raise FloatingPointError(
+              f"non-finite {', '.join(non_finite)} at step {step}; stopping without saving "
+              f"this state (the last good checkpoint, step {manager.latest_step()}, is kept)")
+        elapsed = time.perf_counter() - last_log_time - eval_seconds
+        metrics["train/pairs_per_sec"] = ((step - last_log_step) * config.input.batch_size
+                                          / elapsed)
+        writer.write(step, metrics)
+        progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                             pairs_s=f"{metrics['train/pairs_per_sec']:.0f}")
+        last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
+      is_last = step == config.total_steps
+      preempted = not is_last and preemption.requested(step)
+      if not preempted and (is_last or (config.eval_every and step % config.eval_every == 0)):
+        eval_start = time.perf_counter()
+        results = run_evals(evaluator, embed_fns, state)
+        writer.write(step, results)
+        logging.info("step %d eval: %s", step, _eval_summary(results))
+        progress.write(f"step {step}: {_eval_summary(results)}")
+        eval_seconds += time.perf_counter() - eval_start
+      if (is_last or preempted
+          or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+        checkpoint.save_checkpoint(manager, step, state, train_iter)
+      if preempted:
+        message = (f"{preemption.signal_received or 'preemption notice'}: saved checkpoint "
+                   f"{step} in {manager.directory} and stopped; run the same command again to "
+                   "resume from it")
+        logging.warning(message)
+        progress.write(message)
+        break
+  finally:
+    progress.close()
+    checkpoint.finish(manager)
   writer.close()
   if preempted:
     return {}

@@ -214,6 +214,25 @@ def test_sigterm_then_sigkill_then_restart_logs_the_losses_of_an_uninterrupted_r
   assert os.path.exists(os.path.join(workdir, "final_eval.json"))
 
 
+def test_sigterm_while_the_vq_tokenizer_trains_saves_after_the_first_step(tmp_path):
+  """Preemption during set-up (VQ training, compilation) must not kill the run unsaved."""
+  workdir, log_path = tmp_path / "run", tmp_path / "run.log"
+  with open(log_path, "w", encoding="utf-8") as log:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
+         f"--workdir={workdir}", *tiny_flags(**{"vq.steps": 100})],
+        cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + TIMEOUT
+  while "training a VQ tokenizer" not in read_log(log_path):
+    assert process.poll() is None and time.monotonic() < deadline, read_log(log_path)[-4000:]
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=TIMEOUT) == 0, read_log(log_path)[-4000:]
+  assert "SIGTERM: saved checkpoint 1 in" in read_log(log_path)
+  assert complete_steps(str(workdir)) == [1]
+  assert vq_trainer.find_tokenizer_dir(str(workdir)) is not None  # kept for the resumed run
+
+
 @pytest.fixture(scope="module")
 def saved_on_8(mesh_checkpoint):
   """A workdir with a checkpoint written on 8 fake devices, and the values it holds."""
