@@ -1,13 +1,20 @@
-"""The benchmarks: the train step (GEMM shape, peak, result fields) and the input pipeline."""
+"""The benchmarks: the train step (GEMM shape, peak, result fields), the input pipeline and the
+checkpoint save."""
 
 import math
 
+import jax
+import numpy as np
 import pytest
 
 from configs import common
 from cots_jax import flops
+from cots_jax import train
+from cots_jax import vq_trainer
+from cots_jax.benchmarks import checkpoint_save
 from cots_jax.benchmarks import input_pipeline
 from cots_jax.benchmarks import train_step
+from cots_jax.models import cots as cots_model
 
 
 def _config():
@@ -51,3 +58,30 @@ def test_input_pipeline_benchmark_reports_rates_per_size_and_workers_needed():
   assert set(rates) == {"24", "32"} and min(rates.values()) > 0
   assert results["workers_needed"] == math.ceil(results["train_step_pairs_per_sec"] / rates["24"])
   assert config.model.image.image_size == 24  # the caller's config is left as it was
+
+
+def test_randomized_state_keeps_shapes_shardings_and_integer_leaves():
+  config = _config()
+  mesh = train.make_mesh(config)
+  model = cots_model.CotsModel.from_config(config)
+  state, abstract = train.create_state(
+      config, model, train.make_optimizer(config),
+      vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)), mesh)
+  step, queue_idx = np.asarray(state["step"]), np.asarray(state["queue"]["idx"])
+  filled = checkpoint_save.randomized(state, train.state_shardings_of(abstract))
+  for leaf, spec in zip(jax.tree.leaves(filled), jax.tree.leaves(abstract)):
+    assert (leaf.shape, leaf.dtype, leaf.sharding) == (spec.shape, spec.dtype, spec.sharding)
+  np.testing.assert_array_equal(filled["step"], step)
+  np.testing.assert_array_equal(filled["queue"]["idx"], queue_idx)
+  moments = max((x for x in jax.tree.leaves(filled["opt"]) if x.dtype == np.float32),
+                key=lambda x: x.size)
+  assert np.asarray(moments).std() > 0.5  # a fresh Adam moment is all zeros
+
+
+def test_checkpoint_benchmark_reports_size_and_times(tmp_path):
+  config = _config()
+  results = checkpoint_save.benchmark(config, saves=2, workdir=str(tmp_path))
+  assert 0.5 < results["checkpoint_bytes_on_disk"] / results["state_bytes"] < 1.5
+  assert len(results["blocked_seconds"]) == len(results["written_seconds"]) == 2
+  assert all(0 < b <= w for b, w in zip(results["blocked_seconds"], results["written_seconds"]))
+  assert results["save_blocked_seconds_median"] == results["blocked_seconds"][1]
