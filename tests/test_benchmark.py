@@ -1,6 +1,7 @@
 """The benchmarks: the train step (GEMM shape, peak, result fields), the input pipeline and the
 checkpoint save."""
 
+import json
 import math
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from cots_jax import benchmarks
 from cots_jax import flops
 from cots_jax import train
 from cots_jax import vq_trainer
@@ -85,3 +87,11 @@ def test_checkpoint_benchmark_reports_size_and_times(tmp_path):
   assert len(results["blocked_seconds"]) == len(results["written_seconds"]) == 2
   assert all(0 < b <= w for b, w in zip(results["blocked_seconds"], results["written_seconds"]))
   assert results["save_blocked_seconds_median"] == results["blocked_seconds"][1]
+
+
+def test_write_results_writes_json_only_when_given_a_path(tmp_path):
+  path = tmp_path / "out.json"
+  benchmarks.write_results({"pairs_per_sec": 1.5}, str(path))
+  assert json.loads(path.read_text()) == {"pairs_per_sec": 1.5}
+  benchmarks.write_results({"pairs_per_sec": 2.0}, None)
+  assert json.loads(path.read_text()) == {"pairs_per_sec": 1.5}

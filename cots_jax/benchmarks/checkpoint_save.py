@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from cots_jax import benchmarks
 from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import train
@@ -105,9 +106,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as workdir:
     results = benchmark(args.config, args.saves, workdir)
   print(json.dumps(results, indent=2))
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+  benchmarks.write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ device (design §8.9).
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from jax.experimental import topologies
 import numpy as np
 from ml_collections import config_flags
 
+from cots_jax import benchmarks
 from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import flops
@@ -379,9 +379,7 @@ def main(argv):
     config.input.batch_size = args.batch_size
   results = compile_report(config, args.topology, args.step_time)
   print(summary(results))
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+  benchmarks.write_results(results, args.out)
 
 
 if __name__ == "__main__":

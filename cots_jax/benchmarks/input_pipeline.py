@@ -17,6 +17,7 @@ import time
 from absl import app
 from absl import flags
 
+from cots_jax import benchmarks
 from cots_jax.benchmarks import train_step
 from cots_jax.data import pipeline
 
@@ -59,9 +60,7 @@ def main(argv):
   results = benchmark(train_step.CONFIG.value, _BATCHES.value, [int(s) for s in _SIZES.value],
                       _TRAIN_STEP.value, train_step.WARMUP.value, train_step.STEPS.value)
   print(json.dumps(results, indent=2))
-  if train_step.OUT.value:
-    with open(train_step.OUT.value, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+  benchmarks.write_results(results, train_step.OUT.value)
 
 
 if __name__ == "__main__":

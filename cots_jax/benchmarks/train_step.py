@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from cots_jax import benchmarks
 from cots_jax import config_validation
 from cots_jax import flops
 from cots_jax import sharding
@@ -130,9 +131,7 @@ def main(argv):
   del argv
   results = benchmark(CONFIG.value, WARMUP.value, STEPS.value)
   print(json.dumps(results, indent=2))
-  if OUT.value:
-    with open(OUT.value, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+  benchmarks.write_results(results, OUT.value)
 
 
 if __name__ == "__main__":
