@@ -3,6 +3,8 @@ and the child processes' environment."""
 
 import os
 import socket
+import subprocess
+import sys
 
 import jax
 
@@ -51,3 +53,13 @@ def free_port():
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
     probe.bind(("127.0.0.1", 0))
     return probe.getsockname()[1]
+
+
+def start_main(workdir, log_path, *flags, devices=None):
+  """`python -m cots_jax.main --config=configs/pretrain.py:runlocal --workdir=WORKDIR FLAGS` in a
+  child with `devices` fake devices, its output appended to `log_path`."""
+  with open(log_path, "a", encoding="utf-8") as log:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
+         f"--workdir={workdir}", *flags],
+        cwd=REPO, env=subprocess_env(devices), stdout=log, stderr=subprocess.STDOUT)

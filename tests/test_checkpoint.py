@@ -32,7 +32,7 @@ from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import REPO, TINY, subprocess_env, tiny_config, tiny_flags
+from support import REPO, TINY, start_main, subprocess_env, tiny_config, tiny_flags
 
 # Shards a queue and two parameter families (and their EMA / Adam moments) over "data".
 MESH_RULES = [("^queue/(img|txt)$", ("data", None)), ("mlp/fc1/kernel$", (None, "data")),
@@ -100,11 +100,7 @@ def run_helper(call, devices):
 
 def start_trainer(workdir, vq_dir, log_path):
   """`python -m cots_jax.main --config=configs/pretrain.py:runlocal` + TINY, output to a file."""
-  with open(log_path, "a", encoding="utf-8") as log:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-         f"--workdir={workdir}", f"--config.vq.init={vq_dir}", *tiny_flags()],
-        cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+  return start_main(workdir, log_path, f"--config.vq.init={vq_dir}", *tiny_flags())
 
 
 def complete_steps(workdir):
@@ -217,11 +213,7 @@ def test_sigterm_then_sigkill_then_restart_logs_the_losses_of_an_uninterrupted_r
 def test_sigterm_while_the_vq_tokenizer_trains_saves_after_the_first_step(tmp_path):
   """Preemption during set-up (VQ training, compilation) must not kill the run unsaved."""
   workdir, log_path = tmp_path / "run", tmp_path / "run.log"
-  with open(log_path, "w", encoding="utf-8") as log:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-         f"--workdir={workdir}", *tiny_flags(**{"vq.steps": 100})],
-        cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+  process = start_main(workdir, log_path, *tiny_flags(**{"vq.steps": 100}))
   deadline = time.monotonic() + TIMEOUT
   while "training a VQ tokenizer" not in read_log(log_path):
     assert process.poll() is None and time.monotonic() < deadline, read_log(log_path)[-4000:]

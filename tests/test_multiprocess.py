@@ -10,35 +10,28 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from cots_jax.metrics_writer import read_metrics
-from support import REPO, free_port, subprocess_env, tiny_flags
+from support import free_port, start_main, tiny_flags
 
 TIMEOUT = 400
 STEPS = 8
 
 
-def start_main(workdir, log_path, devices, *extra):
-  """`python -m cots_jax.main --config=configs/pretrain.py:runlocal` + TINY (STEPS steps, no MVM so
-  no VQ tokenizer to train, saves only on preemption and at the end) in a child, its output
-  appended to `log_path`."""
-  with open(log_path, "a", encoding="utf-8") as log:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-         f"--workdir={workdir}", *tiny_flags(total_steps=STEPS, checkpoint_every=0,
-                                             **{"loss.mvm": 0.0}), *extra],
-        cwd=REPO, env=subprocess_env(devices), stdout=log, stderr=subprocess.STDOUT)
+def start_run(workdir, log_path, devices, *extra):
+  """`cots_jax.main` on runlocal + TINY: STEPS steps, no MVM so no VQ tokenizer to train, saves
+  only on preemption and at the end."""
+  return start_main(workdir, log_path, *tiny_flags(total_steps=STEPS, checkpoint_every=0,
+                                                   **{"loss.mvm": 0.0}), *extra, devices=devices)
 
 
 def start_two_processes(workdir, logs):
   port = free_port()
-  return [start_main(workdir, log, 2, f"--coordinator_address=127.0.0.1:{port}",
+  return [start_run(workdir, log, 2, f"--coordinator_address=127.0.0.1:{port}",
                      "--num_processes=2", f"--process_id={i}") for i, log in enumerate(logs)]
 
 
@@ -81,7 +74,7 @@ def test_two_processes_log_the_losses_of_one_and_resume_after_sigterm(tmp_path):
   assert 1 <= preempted_at < STEPS
   assert os.listdir(two / "checkpoints") == [str(preempted_at)]
   wait_all(start_two_processes(two, logs), logs)
-  wait_all([start_main(tmp_path / "one", tmp_path / "one.log", None)], [tmp_path / "one.log"])
+  wait_all([start_run(tmp_path / "one", tmp_path / "one.log", None)], [tmp_path / "one.log"])
 
   def losses(workdir):
     return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
