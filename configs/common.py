@@ -123,6 +123,8 @@ def base_config(size="tiny"):
   c.init_from = ""
   # True: params_ema comes from init_from's momentum towers; False: it starts as a copy of params.
   c.init_from_ema = False
+  # True (configs/finetune_retrieval.py): refuse to start without init_from.
+  c.require_init_from = False
   # True: start in a workdir whose config.json has another model shape (checkpoint.py lists the
   # fields); False refuses, so a typo cannot mix two runs in one workdir.
   c.allow_config_change = False

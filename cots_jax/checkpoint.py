@@ -248,6 +248,55 @@ def restore_checkpoint(manager, abstract_state, train_iter):
 # ---------------------------------------------------------------------------------- init_from
 
 
+def checkpoints_directory(path):
+  """The checkpoints directory of a workdir, or `path` itself when it is one (local or gs://)."""
+  directory = paths.absolute(path)
+  return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+
+
+def restore_params(path, target, step=None, what="checkpoint"):
+  """Restores some parameter trees of a run's checkpoint, and nothing else of its state.
+
+  Args:
+    path: the run's workdir, or its checkpoints directory (local or gs://).
+    target: {name: tree of ShapeDtypeStructs (with shardings)} for names among "params",
+      "params_ema": the trees wanted, in the shapes and shardings wanted.
+    step: the checkpoint step; None = the latest complete one.
+    what: how errors name `path` (e.g. "config.init_from").
+
+  Returns:
+    (restored {name: tree of arrays}, step).
+
+  Raises:
+    FileNotFoundError when there is no complete checkpoint (or none of `step`); ValueError
+    listing the missing, unexpected and mis-shaped parameters when the trees do not match.
+  """
+  directory = checkpoints_directory(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint in {directory}")
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = manager.all_steps()
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint"
+                              f"{'' if step is None else f' of step {step}'} in {directory} "
+                              f"(steps there: {sorted(steps)})")
+    saved = manager.item_metadata(step)["state"].tree
+    differences = tree_differences(target, {name: saved.get(name, {}) for name in target})
+    if differences:
+      raise ValueError(f"{what}={str(path)!r} (step {step}) does not fit this model:\n  "
+                       + "\n  ".join(differences))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  logging.info("Loaded %s from step %d of %s", " and ".join(target), step, directory)
+  return restored, step
+
+
 def load_towers(path, state, use_ema=False):
   """`state` with params (and params_ema) of another run's latest checkpoint, for fine-tuning.
 
@@ -260,33 +309,11 @@ def load_towers(path, state, use_ema=False):
       copy of the loaded params (the momentum encoder starts equal to the online one).
 
   Raises:
-    FileNotFoundError when there is no complete checkpoint; ValueError listing the missing,
-    unexpected and mis-shaped parameters when the trees do not match.
+    as `restore_params`.
   """
-  directory = paths.absolute(path)
-  if (directory / "checkpoints").is_dir():
-    directory = directory / "checkpoints"
-  if not directory.is_dir():
-    raise FileNotFoundError(f"config.init_from={path!r}: no complete checkpoint in {directory}")
   names = ("params", "params_ema") if use_ema else ("params",)
   target = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"]) for name in names}
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.init_from={path!r}: no complete checkpoint in {directory}")
-    saved = manager.item_metadata(step)["state"].tree
-    differences = tree_differences(target, {name: saved.get(name, {}) for name in names})
-    if differences:
-      raise ValueError(f"config.init_from={path!r} (step {step}) does not fit this model:\n  "
-                       + "\n  ".join(differences))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
-  finally:
-    manager.close()
-  logging.info("Loaded %s from step %d of %s", " and ".join(names), step, directory)
+  restored, _ = restore_params(path, target, what="config.init_from")
   params_ema = restored["params_ema"] if use_ema else jax.tree.map(jnp.copy, restored["params"])
   return dict(state, params=restored["params"], params_ema=params_ema)
 

@@ -104,6 +104,9 @@ def _validate_training(config):
   if config.optim.warmup_steps >= config.total_steps:
     _fail("optim.warmup_steps", config.optim.warmup_steps,
           f"must be smaller than config.total_steps={config.total_steps}")
+  if config.require_init_from and not config.init_from:
+    _fail("init_from", config.init_from, "must name the workdir of a pre-trained run: this "
+          "config fine-tunes one (--config.init_from=RUN)")
   if sum(config.loss[k] for k in ("itc", "mlm", "mvm", "kl_align")) <= 0:
     _fail("loss", dict(config.loss), "turns every objective off; give at least one a weight > 0")
 

@@ -71,6 +71,31 @@ def make_optimizer(config):
 # --------------------------------------------------------------------------------------- state
 
 
+def init_params(config, model, rng):
+  """Fresh online parameters: the towers and heads of `model`, plus `temp` when learnable."""
+  image_size = config.model.image.image_size
+  num_patches = (image_size // config.model.image.patch_size) ** 2
+  params = model.init(
+      rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+      jnp.zeros((1, config.input.max_len), jnp.int32),
+      jnp.ones((1, config.input.max_len), jnp.int32),
+      jnp.zeros((1, num_patches), bool))["params"]
+  if config.temp.learnable:
+    params = {**params, "temp": jnp.asarray(config.temp.init, jnp.float32)}
+  return params
+
+
+def abstract_params(config, model, mesh):
+  """{"params", "params_ema"} as ShapeDtypeStructs with the train state's shardings on `mesh`
+  (what eval-only and inference restore from a checkpoint; nothing is allocated)."""
+  params = jax.eval_shape(functools.partial(init_params, config, model), jax.random.PRNGKey(0))
+  abstract = {"params": params, "params_ema": params}
+  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules,
+                                      config.fsdp_min_size)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def init_state(config, model, optimizer, vq_variables, rng):
   """The whole train state as a plain dict (design §3); jit this with `out_shardings`.
 
@@ -82,15 +107,7 @@ def init_state(config, model, optimizer, vq_variables, rng):
     rng: uint32[2] PRNG key.
   """
   init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
-  image_size = config.model.image.image_size
-  num_patches = (image_size // config.model.image.patch_size) ** 2
-  params = model.init(
-      init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
-      jnp.zeros((1, config.input.max_len), jnp.int32),
-      jnp.ones((1, config.input.max_len), jnp.int32),
-      jnp.zeros((1, num_patches), bool))["params"]
-  if config.temp.learnable:
-    params = {**params, "temp": jnp.asarray(config.temp.init, jnp.float32)}
+  params = init_params(config, model, init_rng)
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
@@ -299,36 +316,70 @@ def jit_update(config, model, optimizer, mesh, state_shardings):
 # --------------------------------------------------------------------------------------- evals
 
 
-def make_embed_fns(model):
-  """Jitted `(params, batch) -> [b, E]` image and text embedders for the evaluators."""
+def make_embed_fns(model, mesh):
+  """Image and text embedders `(params, host batch) -> numpy [b, E]` for the evaluators.
 
-  @jax.jit
-  def embed_images(params, image):
+  Every process passes the same batch of b rows (the eval split is the same on every host). The
+  rows are padded to a multiple of the mesh's device count and split over all devices, each
+  process filling only its own devices' rows; the jitted function gathers the embeddings, so
+  every process gets all b of them while each example is embedded once.
+
+  Returns:
+    (embed_images(params, image [b, H, W, 3]), embed_texts(params, text_ids, text_mask [b, L])).
+  """
+  rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=whole)
+  def image_fn(params, image):
     return model.apply({"params": params}, image, method=model.image_embedding)[0]
 
-  @jax.jit
-  def embed_texts(params, text_ids, text_mask):
+  @functools.partial(jax.jit, out_shardings=whole)
+  def text_fn(params, text_ids, text_mask):
     return model.apply({"params": params}, text_ids, text_mask, method=model.text_embedding)[0]
+
+  def spread(x):
+    """numpy [b, ...] -> a global array of [b + pad, ...] split by rows over the mesh."""
+    x = np.asarray(x)
+    pad = -x.shape[0] % mesh.size
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+
+  def embed_images(params, image):
+    return np.asarray(image_fn(params, spread(image)))[:len(image)]
+
+  def embed_texts(params, text_ids, text_mask):
+    return np.asarray(text_fn(params, spread(text_ids), spread(text_mask)))[:len(text_ids)]
 
   return embed_images, embed_texts
 
 
+EVALUATED_PARAMS = (("retrieval", "params"), ("retrieval_momentum", "params_ema"))
+
+
 def run_evals(evaluator, embed_fns, state):
   """Retrieval metrics of the online (`retrieval`) and momentum (`retrieval_momentum`) encoders,
-  as `{"eval/<name>/<metric>": value}`."""
+  as `{"eval/<name>/<metric>": value}`.
+
+  Args:
+    evaluator: a `RetrievalEvaluator`.
+    embed_fns: from `make_embed_fns`.
+    state: a dict with the "params" and "params_ema" trees (the train state, or a restore).
+  """
   embed_images, embed_texts = embed_fns
   results = {}
-  for name, params in (("retrieval", state["params"]), ("retrieval_momentum", state["params_ema"])):
+  for name, key in EVALUATED_PARAMS:
+    params = state[key]
     metrics = evaluator.run(
-        lambda b, p=params: np.asarray(embed_images(p, b["image"])),
-        lambda b, p=params: np.asarray(embed_texts(p, b["text_ids"], b["text_mask"])))
-    results.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+        lambda b, p=params: embed_images(p, b["image"]),
+        lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"]))
+    results.update({f"eval/{name}/{metric}": value for metric, value in metrics.items()})
   return results
 
 
 def _eval_summary(results):
   parts = []
-  for name in ("retrieval", "retrieval_momentum"):
+  for name, _ in EVALUATED_PARAMS:
     r = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"eval/{name}/")}
     parts.append(f"{name}: i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
                  f"t2i R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
@@ -396,7 +447,7 @@ def _train_and_evaluate(config, workdir, preemption):
   # --- evals
   evaluator = retrieval.RetrievalEvaluator("retrieval", eval_split, ks=tuple(config.eval.ks),
                                            chunk=config.eval.chunk)
-  embed_fns = make_embed_fns(model)
+  embed_fns = make_embed_fns(model, mesh)
 
   # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
   # give up when the processes reach the first one more than 30 s apart.

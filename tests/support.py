@@ -22,9 +22,10 @@ TINY = {
 }
 
 
-def tiny_config(**overrides):
-  """`configs/pretrain.py:runlocal` with TINY and `overrides` (dotted names) applied."""
-  config = pretrain.get_config("runlocal")
+def tiny_config(config=None, **overrides):
+  """`config` (default `configs/pretrain.py:runlocal`) with TINY and `overrides` (dotted names)
+  applied."""
+  config = config or pretrain.get_config("runlocal")
   config.update_from_flattened_dict({**TINY, **overrides})
   return config
 

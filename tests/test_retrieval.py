@@ -313,3 +313,35 @@ def test_evaluator_rejects_bad_ks_and_chunk_at_construction():
     retrieval.RetrievalEvaluator("val", split, ks=())
   with pytest.raises(ValueError, match="chunk must be"):
     retrieval.RetrievalEvaluator("val", split, chunk=-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+def test_top_k_chunked_equals_full_top_k_with_ties(chunk):
+  """Rounded embeddings make many equal scores: the lower gallery index must come first."""
+  rng = np.random.default_rng(3)
+  queries, gallery = np.round(rng.normal(size=(23, 3))), np.round(rng.normal(size=(31, 3)))
+  scores, indices = retrieval.top_k_chunked(queries, gallery, 6, chunk=chunk)
+  sim = queries @ gallery.T
+  want = np.array([sorted(range(31), key=lambda g: (-sim[q, g], g))[:6] for q in range(23)])
+  np.testing.assert_array_equal(indices, want)
+  np.testing.assert_array_equal(scores, np.take_along_axis(sim, want, axis=1))
+  assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_top_k_chunked_caps_k_at_the_gallery_and_puts_nan_last():
+  gallery = np.array([[1.0], [np.nan], [3.0]])
+  scores, indices = retrieval.top_k_chunked(np.array([[1.0], [-1.0]]), gallery, 10, chunk=2)
+  np.testing.assert_array_equal(indices, [[2, 0, 1], [0, 2, 1]])
+  np.testing.assert_array_equal(scores[:, :2], [[3.0, 1.0], [-1.0, -3.0]])
+  assert np.isneginf(scores[:, 2]).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: retrieval.top_k_chunked(np.ones((2, 3)), np.ones((4, 2)), 1), "must be"),
+    (lambda: retrieval.top_k_chunked(np.ones((2, 3)), np.ones((0, 3)), 1), "gallery is empty"),
+    (lambda: retrieval.top_k_chunked(np.ones((2, 3)), np.ones((4, 3)), 0), "positive"),
+    (lambda: retrieval.top_k_chunked(np.ones((2, 3)), np.ones((4, 3)), 2, chunk=0), "chunk"),
+])
+def test_top_k_chunked_bad_inputs(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

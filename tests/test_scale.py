@@ -1,5 +1,5 @@
-"""Scale-out (design §5): the update step gives the same numbers on 8 fake CPU devices, with a data
-mesh and with a data x fsdp mesh (queues sharded along K), as on 1 device.
+"""Scale-out (design §5): the update step and the eval embedders give the same numbers on 8 fake CPU
+devices, with a data mesh and with a data x fsdp mesh (queues sharded along K), as on 1 device.
 
 Device counts are fixed per process, so the 8-device work runs in a child
 (`python -c "import test_scale ..."`) started before the in-process 1-device reference, to
@@ -20,6 +20,7 @@ from cots_jax import sharding
 from cots_jax import train
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
+from cots_jax.evaluators import retrieval
 from cots_jax.models import cots as cots_model
 from support import REPO, subprocess_env, tiny_config
 
@@ -48,13 +49,21 @@ def run_steps(config, steps=STEPS):
   for _ in range(steps):
     state, metrics = update(state, sharding.global_batch(next(batches), mesh))
     losses.append(float(metrics["train/loss"]))
+  # The evaluators' embedders split each eval batch (7 rows: padded to the device count) over
+  # the mesh.
+  embed_images, embed_texts = train.make_embed_fns(model, mesh)
+  split = pipeline.make_eval_split(config, batch_size=7)
+  eval_img = retrieval.embed_dataset(lambda b: embed_images(state["params"], b["image"]),
+                                     split.image_batches())
+  eval_txt = retrieval.embed_dataset(
+      lambda b: embed_texts(state["params"], b["text_ids"], b["text_mask"]), split.text_batches())
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   share = {jax.tree_util.keystr(path, simple=True, separator="/"):
            leaf.addressable_shards[0].data.size / max(leaf.size, 1) for path, leaf in leaves}
   return {"losses": np.asarray(losses), "queue_img": np.asarray(state["queue"]["img"]),
           "queue_idx": np.asarray(state["queue"]["idx"]),
           "ema": np.concatenate([np.ravel(x) for x in jax.tree.leaves(state["params_ema"])]),
-          "share": share}
+          "eval_img": eval_img, "eval_txt": eval_txt, "share": share}
 
 
 def write_mesh_runs(out_dir):
@@ -92,6 +101,9 @@ def test_eight_devices_give_the_losses_queue_and_ema_of_one(mesh_runs, mesh_name
   np.testing.assert_array_equal(got["queue_idx"], reference["queue_idx"])
   np.testing.assert_allclose(got["queue_img"], reference["queue_img"], atol=1e-4)
   np.testing.assert_allclose(got["ema"], reference["ema"], atol=1e-4)
+  for name in ("eval_img", "eval_txt"):
+    assert got[name].shape == reference[name].shape == (20 if name == "eval_img" else 100, 16)
+    np.testing.assert_allclose(got[name], reference[name], atol=1e-4, err_msg=name)
   assert reference["losses"][-1] != reference["losses"][0]  # the steps did move the state
 
 

@@ -113,6 +113,60 @@ def test_dropout_draws_from_the_state_rng_only_when_configured(full_objective):
   assert with_dropout[0] != pytest.approx(with_dropout[1], rel=1e-6)
 
 
+def _np_soft_cross_entropy(logits, targets):
+  """Per-row CE of softmax(logits [B, C]) against targets [B, C]; -inf logits have target 0."""
+  finite = np.where(np.isfinite(logits), logits, -np.inf)
+  log_probs = finite - np.log(np.sum(np.exp(finite - finite.max(1, keepdims=True)), axis=1,
+                                     keepdims=True)) - finite.max(1, keepdims=True)
+  return -np.sum(np.where(targets > 0, targets * log_probs, 0.0), axis=1)
+
+
+def test_fine_tuning_itc_counts_every_caption_of_an_image_as_a_positive():
+  """A whole fine-tuning step (configs/finetune_retrieval.py: multi-positive, in-batch keys)
+  against numpy: image ids repeat in the batch and in the queue, one matching slot is invalid."""
+  config = tiny_config(itc=1.0, mlm=0.0, mvm=0.0, kl_align=0.0)
+  config.queue.multi_positive = config.queue.in_batch_negatives = True
+  config.amf.enabled = False
+  state, update_fn, batches = build(config)
+  ids = np.array([3, 3, 5, 5, 5, 8, 9, 9], np.int32)
+  batch = dict(batches[0], image_id=ids)
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  size, dim = config.queue.size, config.model.embed_dim
+  queue = {"img": unit(rng.normal(size=(size, dim))).astype(np.float32),
+           "txt": unit(rng.normal(size=(size, dim))).astype(np.float32),
+           "idx": np.full(size, -1, np.int32), "valid": np.zeros(size, bool)}
+  queue["idx"][:6] = [3, 5, 7, 5, 9, 3]
+  queue["valid"][:6] = [True, True, True, False, True, True]
+  state = dict(state, queue=dict(state["queue"], **queue))
+  params = jax.device_get(state["params"])
+  decay = config.momentum.decay
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                     jax.device_get(state["params_ema"]), params)
+  _, metrics = jax.jit(update_fn)(state, batch)
+
+  model = cots_model.CotsModel.from_config(config)
+
+  def embed(p):
+    v = model.apply({"params": p}, batch["image"], method=model.image_embedding)[0]
+    t = model.apply({"params": p}, batch["text_ids"], batch["text_mask"],
+                    method=model.text_embedding)[0]
+    return np.asarray(v, np.float64), np.asarray(t, np.float64)
+
+  (v, t), (v_m, t_m) = embed(params), embed(ema)
+  temp, valid = config.temp.init, queue["valid"]
+  logits_i2t = np.concatenate([v @ t_m.T, np.where(valid, v @ queue["txt"].T, -np.inf)], 1) / temp
+  logits_t2i = np.concatenate([t @ v_m.T, np.where(valid, t @ queue["img"].T, -np.inf)], 1) / temp
+  match = np.concatenate([ids[:, None] == ids[None, :],
+                          (ids[:, None] == queue["idx"][None, :]) & valid[None, :]], axis=1)
+  targets = match / match.sum(1, keepdims=True)
+  # Pair 0 (image 3): keys 0 and 1 and queue slots 0 and 5; pair 2 (image 5): keys 2-4, slot 1.
+  assert match[0].sum() == 4 and match[2].sum() == 4 and match[5].sum() == 1
+  want = np.mean(0.5 * (_np_soft_cross_entropy(logits_i2t, targets)
+                        + _np_soft_cross_entropy(logits_t2i, targets)))
+  np.testing.assert_allclose(float(metrics["train/itc"]), want, rtol=1e-4)
+
+
 def test_total_loss_is_the_weighted_sum_and_zero_weights_skip_terms():
   weights = dict(itc=1.0, mlm=0.5, mvm=0.0, kl_align=2.0)
   state, update_fn, batches = build(tiny_config(**weights))

@@ -10,6 +10,7 @@ candidates). Text-to-image: a text's rank is that of its image among all images.
 
 Both passes work on `chunk x chunk` blocks of the similarity matrix, so the gallery never has to
 fit in memory as one matrix; `retrieval_metrics` is the same computation on a single block.
+`top_k_chunked` (search, report) finds the best k gallery rows of each query the same way.
 """
 
 import numpy as np
@@ -70,6 +71,53 @@ def retrieval_metrics_chunked(img_emb, txt_emb, txt2img, ks=(1, 5, 10), chunk=40
   i2t_ahead, t2i_ahead = _count_ahead(
       lambda rows, cols: img_emb[rows] @ txt_emb[cols].T, n_images, n_texts, txt2img, chunk)
   return _summarise(i2t_ahead, t2i_ahead, txt2img, ks)
+
+
+def top_k_chunked(queries, gallery, k, chunk=4096):
+  """The k gallery rows of highest dot product with each query, without the full score matrix.
+
+  Works on `chunk x chunk` blocks, keeping the best k so far per query, in O(chunk * (chunk + k))
+  memory. Equal scores rank the lower gallery index first; NaN scores rank last.
+
+  Args:
+    queries: [n, D] query embeddings.
+    gallery: [m, D] gallery embeddings.
+    k: how many to return per query (at most m are).
+    chunk: side of the largest similarity block ever held.
+
+  Returns:
+    (scores float [n, min(k, m)], indices int64 [n, min(k, m)]), best first.
+
+  Raises:
+    ValueError on shape mismatches, an empty gallery, or k / chunk not a positive int.
+  """
+  queries, gallery = _as_float(queries), _as_float(gallery)
+  if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+    raise ValueError("queries and gallery must be [n, D] and [m, D], got shapes "
+                     f"{queries.shape} and {gallery.shape}")
+  if gallery.shape[0] == 0:
+    raise ValueError("the gallery is empty")
+  (k,), chunk = _checked_ks((k,)), _checked_chunk(chunk)
+  k = min(k, gallery.shape[0])
+  all_scores, all_indices = [], []
+  for q0 in range(0, queries.shape[0], chunk):
+    rows = queries[q0:q0 + chunk]
+    # The kept candidates stay in gallery order, so a stable sort by score alone breaks ties
+    # towards the lower index.
+    scores = np.empty((rows.shape[0], 0), rows.dtype)
+    indices = np.empty((rows.shape[0], 0), np.int64)
+    for g0 in range(0, gallery.shape[0], chunk):
+      block = rows @ gallery[g0:g0 + chunk].T
+      scores = np.concatenate([scores, np.where(np.isnan(block), -np.inf, block)], axis=1)
+      indices = np.concatenate(
+          [indices, np.broadcast_to(np.arange(g0, g0 + block.shape[1]), block.shape)], axis=1)
+      keep = np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :k], axis=1)
+      scores = np.take_along_axis(scores, keep, axis=1)
+      indices = np.take_along_axis(indices, keep, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    all_scores.append(np.take_along_axis(scores, order, axis=1))
+    all_indices.append(np.take_along_axis(indices, order, axis=1))
+  return np.concatenate(all_scores), np.concatenate(all_indices)
 
 
 def embed_dataset(embed_fn, batches):

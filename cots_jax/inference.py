@@ -1,0 +1,116 @@
+"""A trained run loaded for inference: what eval-only, search and the report share.
+
+`TrainedRun.load(WORKDIR)` builds the model of the run's config, restores the online and momentum
+parameters of one checkpoint (nothing else of the train state: no optimizer, queue or VQ
+tokenizer) and embeds images and captions with them. Embedding splits each batch over every
+device of the mesh (train.make_embed_fns), so the same code runs on one CPU or on every host of
+a pod slice.
+"""
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cots_jax import checkpoint
+from cots_jax import paths
+from cots_jax import train
+from cots_jax.data import pipeline
+from cots_jax.data import tokenizer as tokenizer_lib
+from cots_jax.models import cots as cots_model
+
+# The parameter tree of each encoder a user can pick.
+ENCODERS = {"online": "params", "momentum": "params_ema"}
+
+
+def load_run_config(workdir):
+  """The ConfigDict a run saved as WORKDIR/config.json.
+
+  Raises:
+    FileNotFoundError when WORKDIR has no config.json (it is no cots_jax run).
+  """
+  path = paths.absolute(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not the workdir of a "
+                            "cots_jax run")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """The model of a run with the parameters of one of its checkpoints.
+
+  Attributes:
+    config: the run's ConfigDict.
+    step: the checkpoint's step.
+    params: {"params": online tree, "params_ema": momentum tree}, sharded on `mesh`.
+    mesh: the devices the embedders split batches over.
+    embed_fns: (embed_images, embed_texts) of `train.make_embed_fns`.
+  """
+  config: ml_collections.ConfigDict
+  step: int
+  params: dict
+  mesh: Any
+  embed_fns: tuple
+  _tokenizer: Any = None
+
+  @classmethod
+  def load(cls, workdir, config=None, step=None):
+    """Loads checkpoint `step` (None = the latest complete one) of WORKDIR.
+
+    Args:
+      workdir: the run's workdir (local or gs://).
+      config: the config whose model to build; None reads WORKDIR/config.json and uses a data
+        mesh over all devices (the run's own mesh may need more devices than this process sees).
+      step: the checkpoint step.
+
+    Raises:
+      FileNotFoundError when WORKDIR has no config.json (config None) or no such checkpoint;
+      ValueError listing the parameters that do not fit the config's model.
+    """
+    if config is None:
+      config = load_run_config(workdir)
+      config.mesh = [("data", -1)]
+    mesh = train.make_mesh(config)
+    model = cots_model.CotsModel.from_config(config)
+    params, step = checkpoint.restore_params(
+        workdir, train.abstract_params(config, model, mesh), step, what="workdir")
+    return cls(config, step, params, mesh, train.make_embed_fns(model, mesh))
+
+  def encoder_params(self, encoder="online"):
+    """The parameter tree of `encoder` in ENCODERS ("online" or "momentum")."""
+    if encoder not in ENCODERS:
+      raise ValueError(f"encoder {encoder!r} is unknown; use one of {sorted(ENCODERS)}")
+    return self.params[ENCODERS[encoder]]
+
+  def image_transform(self):
+    """Any decoded image or encoded file -> the eval pixels of this model (resize + centre crop)."""
+    return pipeline.ImageTransform(self.config.model.image.image_size)
+
+  def embed_images(self, images, encoder="online"):
+    """float32 [n, H, W, 3] in [-1, 1] (from `image_transform`) -> unit embeddings [n, E],
+    in batches of config.eval.batch_size."""
+    embed_images, _ = self.embed_fns
+    params = self.encoder_params(encoder)
+    return _in_batches(lambda rows: embed_images(params, images[rows]), len(images),
+                       self.config.eval.batch_size)
+
+  def embed_texts(self, captions, encoder="online"):
+    """list of n str -> unit embeddings [n, E] (the run's tokenizer and input.max_len)."""
+    if self._tokenizer is None:
+      self._tokenizer = tokenizer_lib.load_tokenizer(self.config.input.tokenizer)
+    ids, mask = tokenizer_lib.tokenize(self._tokenizer, captions, self.config.input.max_len)
+    _, embed_texts = self.embed_fns
+    params = self.encoder_params(encoder)
+    return _in_batches(lambda rows: embed_texts(params, ids[rows], mask[rows]), len(captions),
+                       self.config.eval.batch_size)
+
+
+def _in_batches(embed_rows, num_rows, batch_size):
+  """Concatenates embed_rows(slice) over `num_rows` rows in slices of `batch_size` -> [n, E]."""
+  if num_rows == 0:
+    raise ValueError("nothing to embed")
+  return np.concatenate([embed_rows(slice(start, start + batch_size))
+                         for start in range(0, num_rows, batch_size)])

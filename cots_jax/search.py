@@ -1,0 +1,314 @@
+"""Cross-modal search with a trained run: index images or captions once, then query the index.
+
+  python -m cots_jax.search index --workdir=DIR --images=FOLDER --out=INDEX.safetensors
+  python -m cots_jax.search query --index=INDEX.safetensors --text="a dog runs in the snow" -k 5
+  python -m cots_jax.search index --workdir=DIR --captions=CAPTIONS.txt --out=INDEX.npz
+  python -m cots_jax.search query --index=INDEX.npz --image=photo.jpg --json
+
+An index file holds the unit embeddings float32 [n, E] of n items (absolute image paths, or
+captions: one per non-blank line of a text file) and its meta (kind "image" | "text", workdir,
+step, encoder, embed_dim). `.safetensors` keeps the items and meta as JSON strings in the header
+metadata (which safetensors caps at 100 MB: use `.npz` for millions of long paths); `.npz` keeps
+them as a unicode array and a JSON string, read back without pickle. A query is embedded with the
+index's run, checkpoint step and encoder and ranked by dot product: exact top-k over numpy chunks
+by default, or FAISS (`faiss.IndexFlatIP`, also exact) with --backend=faiss.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import safetensors
+from safetensors import numpy as safetensors_numpy
+
+from cots_jax import inference
+from cots_jax import paths
+from cots_jax.data import transforms
+from cots_jax.evaluators import retrieval
+
+FORMATS = (".safetensors", ".npz")
+# The JSON key of an item in query results, per index kind.
+ITEM_KEYS = {"image": "path", "text": "caption"}
+
+
+def image_files(folder):
+  """Every file under FOLDER (recursive) as absolute path strings, sorted (for determinism).
+
+  Raises:
+    NotADirectoryError when FOLDER is not a folder.
+  """
+  root = pathlib.Path(folder).expanduser().absolute()
+  if not root.is_dir():
+    raise NotADirectoryError(f"--images {folder!r} is not a folder")
+  return sorted(str(path) for path in root.rglob("*") if path.is_file())
+
+
+def _decoded_batches(files, transform, batch_size, skipped):
+  """Yields (float32 [b, S, S, 3], b paths) of the files that decode, b = batch_size except in
+  the last batch (one compiled shape for all others); each file that does not decode is
+  appended to `skipped` as (path, reason) and reported on stderr."""
+  pixels, names = [], []
+  for path in files:
+    try:
+      pixels.append(transform(pathlib.Path(path).read_bytes(), path))
+      names.append(path)
+    except transforms.BadExampleError as error:
+      _report_skip(skipped, path, error.reason)
+    except OSError as error:
+      _report_skip(skipped, path, error.strerror or str(error))
+    if len(pixels) == batch_size:
+      yield np.stack(pixels), names
+      pixels, names = [], []
+  if pixels:
+    yield np.stack(pixels), names
+
+
+def _report_skip(skipped, path, reason):
+  """Records and reports one file left out of an image index."""
+  skipped.append((path, reason))
+  print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def build_image_index(run, folder, encoder="online", batch_size=None):
+  """Embeds every readable image under FOLDER (recursive, sorted paths), batch by batch.
+
+  Args:
+    run: an inference.TrainedRun.
+    folder: the image folder; files of any size and PIL mode, other files are skipped.
+    encoder: "online" or "momentum".
+    batch_size: images decoded and embedded at a time (None: the run's config.eval.batch_size).
+
+  Returns:
+    (embeddings float32 [n, E] unit rows, the n absolute image paths, skipped [(path, reason)]).
+
+  Raises:
+    NotADirectoryError when FOLDER is not a folder; ValueError when no file in it is an image.
+  """
+  skipped, embeddings, items = [], [], []
+  batches = _decoded_batches(image_files(folder), run.image_transform(),
+                             batch_size or run.config.eval.batch_size, skipped)
+  for pixels, names in batches:
+    embeddings.append(run.embed_images(pixels, encoder))
+    items.extend(names)
+  if not items:
+    raise ValueError(f"no readable image under {folder!r} ({len(skipped)} files skipped)")
+  return np.concatenate(embeddings).astype(np.float32), items, skipped
+
+
+def read_captions(path):
+  """The non-blank lines of the UTF-8 text file PATH, stripped: one caption per line."""
+  lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+  return [line.strip() for line in lines if line.strip()]
+
+
+def build_text_index(run, captions_file, encoder="online"):
+  """Embeds the captions of CAPTIONS_FILE (one per non-blank line).
+
+  Returns:
+    (embeddings float32 [n, E] unit rows, the n captions in file order).
+
+  Raises:
+    ValueError when the file holds no caption.
+  """
+  captions = read_captions(captions_file)
+  if not captions:
+    raise ValueError(f"--captions {captions_file!r} holds no caption (only blank lines)")
+  return run.embed_texts(captions, encoder).astype(np.float32), captions
+
+
+def index_format(path):
+  """The suffix of index file PATH (".safetensors" or ".npz"); ValueError for any other."""
+  suffix = pathlib.Path(path).suffix
+  if suffix not in FORMATS:
+    raise ValueError(f"index {path}: unknown suffix {suffix!r}; use one of {', '.join(FORMATS)}")
+  return suffix
+
+
+def save_index(path, embeddings, items, meta):
+  """Writes an index file in the format its suffix names (see `index_format`).
+
+  Args:
+    path: the file to write.
+    embeddings: [n, E], stored as float32.
+    items: n str, the image paths or captions.
+    meta: JSON-serialisable dict (kind, workdir, step, encoder, embed_dim).
+
+  Raises:
+    ValueError on an unknown suffix or when embeddings are not [len(items), E].
+  """
+  suffix = index_format(path)
+  embeddings = np.ascontiguousarray(embeddings, np.float32)
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
+    raise ValueError(f"embeddings must be [{len(items)} items, E], got {embeddings.shape}")
+  if suffix == ".safetensors":
+    safetensors_numpy.save_file({"embeddings": embeddings}, os.fspath(path), metadata={
+        "items": json.dumps(list(items)), "meta": json.dumps(meta)})
+  else:
+    np.savez(path, embeddings=embeddings, items=np.array(items, dtype=str),
+             meta=np.array(json.dumps(meta)))
+
+
+def load_index(path):
+  """Reads a `save_index` file -> (embeddings float32 [n, E], list of n items, meta dict).
+
+  Raises:
+    ValueError on an unknown suffix or a file without the index's entries.
+  """
+  suffix = index_format(path)
+  try:
+    if suffix == ".safetensors":
+      with safetensors.safe_open(os.fspath(path), framework="numpy") as file:
+        embeddings, header = file.get_tensor("embeddings"), file.metadata() or {}
+      return embeddings, json.loads(header["items"]), json.loads(header["meta"])
+    with np.load(path, allow_pickle=False) as file:
+      return file["embeddings"], file["items"].tolist(), json.loads(file["meta"].item())
+  except KeyError as error:
+    raise ValueError(f"index {path} is no cots_jax.search index (it lacks {error})") from error
+
+
+def check_query_kind(meta, text=None, image=None):
+  """ValueError unless exactly one of text / image is given and it fits the index's kind: a
+  caption searches an image index, an image searches a text index."""
+  if (text is None) == (image is None):
+    raise ValueError("give exactly one of --text and --image")
+  wanted, flag, other = ("image", "--text", "--image") if image is None else (
+      "text", "--image", "--text")
+  if meta["kind"] != wanted:
+    raise ValueError(f"{flag} needs an index of kind {wanted!r} but this one is "
+                     f"{meta['kind']!r} (query it with {other})")
+
+
+def embed_query(run, encoder, text=None, image=None):
+  """The unit embedding [E] of one caption or of one image file (exactly one of the two).
+
+  Raises:
+    BadExampleError when the image does not decode; OSError when it cannot be read.
+  """
+  if image is not None:
+    pixels = run.image_transform()(pathlib.Path(image).read_bytes(), str(image))
+    return run.embed_images(pixels[None], encoder)[0]
+  return run.embed_texts([text], encoder)[0]
+
+
+def search(embeddings, items, query, k=5, backend="exact"):
+  """The k items whose embeddings have the highest dot product with `query`.
+
+  Args:
+    embeddings: [n, E] of the index.
+    items: the n items.
+    query: [E] (or [1, E]) query embedding.
+    k: how many hits (at most n are returned).
+    backend: "exact" (retrieval.top_k_chunked) or "faiss" (faiss.IndexFlatIP, exact too).
+
+  Returns:
+    list of min(k, n) (item, score float), best first.
+
+  Raises:
+    ValueError on a bad k or backend or a query of another width; ImportError when faiss is
+    asked for but not installed.
+  """
+  query = np.asarray(query, np.float32).reshape(1, -1)
+  if query.shape[1] != embeddings.shape[1]:
+    raise ValueError(f"the query embedding has {query.shape[1]} dims, the index "
+                     f"{embeddings.shape[1]}: embed it with the index's run")
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"k must be a positive int, got {k!r}")
+  if backend == "exact":
+    scores, indices = retrieval.top_k_chunked(query, embeddings, k)
+  elif backend == "faiss":
+    scores, indices = _faiss_top_k(query, embeddings, min(k, embeddings.shape[0]))
+  else:
+    raise ValueError(f"backend {backend!r} is unknown; use exact or faiss")
+  return [(items[index], float(score)) for index, score in zip(indices[0], scores[0])]
+
+
+def _faiss_top_k(query, embeddings, k):
+  """(scores [1, k], indices [1, k]) of the exact inner-product top k, computed by FAISS."""
+  try:
+    import faiss  # an optional extra, imported only when asked for
+  except ImportError as error:
+    raise ImportError("--backend=faiss needs faiss: pip install 'cots_jax[faiss]'") from error
+  index = faiss.IndexFlatIP(embeddings.shape[1])
+  index.add(np.ascontiguousarray(embeddings, np.float32))
+  return index.search(query, k)
+
+
+def format_hits(hits, kind, as_json=False):
+  """Query results as text: one "score<TAB>item" line per hit, or (as_json) a JSON list of
+  {"path" | "caption": item, "score": score} for an image | text index."""
+  if as_json:
+    return json.dumps([{ITEM_KEYS[kind]: item, "score": score} for item, score in hits])
+  return "\n".join(f"{score:.4f}\t{item}" for item, score in hits)
+
+
+def _index(args):
+  """The `index` command: embeds --images or --captions with the run and writes --out."""
+  index_format(args.out)  # a bad suffix fails before the run loads
+  workdir = os.path.expanduser(args.workdir)
+  run = inference.TrainedRun.load(workdir, step=args.step)
+  if args.images is not None:
+    embeddings, items, skipped = build_image_index(run, args.images, args.encoder)
+    kind, summary = "image", f"indexed {len(items)} images, skipped {len(skipped)}"
+  else:
+    embeddings, items = build_text_index(run, args.captions, args.encoder)
+    kind, summary = "text", f"indexed {len(items)} captions"
+  meta = {"kind": kind, "workdir": os.fspath(paths.absolute(workdir)), "step": int(run.step),
+          "encoder": args.encoder, "embed_dim": int(embeddings.shape[1])}
+  save_index(args.out, embeddings, items, meta)
+  print(f"{summary}: {args.out}")
+
+
+def _query(args):
+  """The `query` command: prints the top k of the index for --text or --image."""
+  embeddings, items, meta = load_index(args.index)
+  check_query_kind(meta, args.text, args.image)
+  run = inference.TrainedRun.load(os.path.expanduser(args.workdir or meta["workdir"]),
+                                  step=meta["step"])
+  query = embed_query(run, meta["encoder"], text=args.text, image=args.image)
+  hits = search(embeddings, items, query, args.k, args.backend)
+  print(format_hits(hits, meta["kind"], as_json=args.json))
+
+
+def _parser():
+  """The argparse parser of the two commands."""
+  parser = argparse.ArgumentParser(prog="python -m cots_jax.search", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  index = commands.add_parser("index", help="embed a folder of images or a caption file")
+  index.add_argument("--workdir", required=True, help="workdir of a finished run")
+  index.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  index.add_argument("--encoder", choices=sorted(inference.ENCODERS), default="online")
+  source = index.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="folder of images (recursive): an image index")
+  source.add_argument("--captions", help="text file, one caption per line: a text index")
+  index.add_argument("--out", required=True, help="index file, .safetensors or .npz")
+  query = commands.add_parser("query", help="search an index with a caption or an image")
+  query.add_argument("--index", required=True, help="index file written by `index`")
+  given = query.add_mutually_exclusive_group(required=True)
+  given.add_argument("--text", help="caption to search an image index with")
+  given.add_argument("--image", help="image file to search a text index with")
+  query.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
+  query.add_argument("--json", action="store_true", help="print a JSON list of hits")
+  query.add_argument("--backend", choices=("exact", "faiss"), default="exact")
+  query.add_argument("--workdir", help="run to embed the query with (default: the index's)")
+  return parser
+
+
+def main(argv=None):
+  """Runs one command of the command line `argv` (None: sys.argv[1:]); exits with a one-line
+  error on a bad input."""
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "index":
+      _index(args)
+    else:
+      _query(args)
+  except (ValueError, OSError, ImportError) as error:
+    sys.exit(f"cots_jax.search {args.command}: error: {error}")
+
+
+if __name__ == "__main__":
+  main()
