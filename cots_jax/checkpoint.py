@@ -279,10 +279,11 @@ def restore_params(path, target, step=None, what="checkpoint"):
   try:
     steps = manager.all_steps()
     step = manager.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint"
-                              f"{'' if step is None else f' of step {step}'} in {directory} "
-                              f"(steps there: {sorted(steps)})")
+    if step is None:
+      raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint in {directory}")
+    if step not in steps:
+      raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint of step {step} in "
+                              f"{directory} (steps there: {sorted(steps)})")
     saved = manager.item_metadata(step)["state"].tree
     differences = tree_differences(target, {name: saved.get(name, {}) for name in target})
     if differences:

@@ -5,6 +5,7 @@ split with the online (`retrieval`) and momentum (`retrieval_momentum`) encoders
 of R@1/5/10 both ways, rsum and median ranks, and writes DIR/eval_results.json as
 `{"<evaluator>": {"<metric>": value}}` (metric names of design §4.1). Run it on every host of a
 multi-host job like cots_jax.main: each host embeds its share, all get the whole set's metrics.
+The work is done by cots_jax/inference.py (`evaluate_checkpoint`), which tests call directly.
 """
 
 import json
@@ -17,12 +18,8 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
-from cots_jax import config_validation
 from cots_jax import distributed
 from cots_jax import inference
-from cots_jax import train
-from cots_jax.data import pipeline
-from cots_jax.evaluators import retrieval
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -33,49 +30,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 RESULTS_FILE = "eval_results.json"
 
 
-def evaluate(config, workdir, step=None):
-  """Retrieval metrics of checkpoint `step` (None = latest) of WORKDIR on config's eval split.
-
-  Returns:
-    ({"retrieval": {metric: value}, "retrieval_momentum": {...}}, the checkpoint's step).
-  """
-  config_validation.validate(config)
-  run = inference.TrainedRun.load(workdir, config, step)
-  evaluator = retrieval.RetrievalEvaluator(
-      "retrieval", pipeline.make_eval_split(config), ks=tuple(config.eval.ks),
-      chunk=config.eval.chunk)
-  flat = train.run_evals(evaluator, run.embed_fns, run.params)
-  results = {}
-  for key, value in flat.items():
-    _, name, metric = key.split("/")
-    results.setdefault(name, {})[metric] = value
-  return results, run.step
-
-
-def results_table(results, ks):
-  """A text table: one row per evaluator, columns R@k both ways, rsum and median ranks."""
-  columns = ([f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
-             + ["rsum", "i2t_medr", "t2i_medr"])
-  width = max(len(name) for name in results)
-  lines = [" ".join([" " * width] + [f"{c:>9}" for c in columns])]
-  for name, metrics in results.items():
-    lines.append(" ".join([f"{name:<{width}}"] + [f"{metrics[c]:9.2f}" for c in columns]))
-  return "\n".join(lines)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   distributed.initialize()
   config = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
-  results, step = evaluate(config, workdir, _STEP.value)
+  results, step = inference.evaluate_checkpoint(config, workdir, _STEP.value)
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS_FILE
     path.write_text(json.dumps(results, indent=2))
     print(f"checkpoint {step} of {workdir}, eval split "
           f"{config.input.data.name}:{config.input.data.eval_split}\n"
-          f"{results_table(results, tuple(config.eval.ks))}\nwritten to {path}")
+          f"{inference.results_table(results, tuple(config.eval.ks))}\nwritten to {path}")
   logging.info("eval results of step %d: %s", step, results)
 
 

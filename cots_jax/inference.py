@@ -1,5 +1,7 @@
 """A trained run loaded for inference: what eval-only, search and the report share.
 
+`evaluate_checkpoint` is the work of `python -m cots_jax.evaluate` (the entry only parses flags).
+
 `TrainedRun.load(WORKDIR)` builds the model of the run's config, restores the online and momentum
 parameters of one checkpoint (nothing else of the train state: no optimizer, queue or VQ
 tokenizer) and embeds images and captions with them. Embedding splits each batch over every
@@ -15,10 +17,12 @@ import ml_collections
 import numpy as np
 
 from cots_jax import checkpoint
+from cots_jax import config_validation
 from cots_jax import paths
 from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import tokenizer as tokenizer_lib
+from cots_jax.evaluators import retrieval
 from cots_jax.models import cots as cots_model
 
 # The parameter tree of each encoder a user can pick.
@@ -106,6 +110,36 @@ class TrainedRun:
     params = self.encoder_params(encoder)
     return _in_batches(lambda rows: embed_texts(params, ids[rows], mask[rows]), len(captions),
                        self.config.eval.batch_size)
+
+
+def evaluate_checkpoint(config, workdir, step=None):
+  """Retrieval metrics of checkpoint `step` (None = latest) of WORKDIR on config's eval split.
+
+  Returns:
+    ({"retrieval": {metric: value}, "retrieval_momentum": {...}}, the checkpoint's step).
+  """
+  config_validation.validate(config)
+  run = TrainedRun.load(workdir, config, step)
+  evaluator = retrieval.RetrievalEvaluator(
+      "retrieval", pipeline.make_eval_split(config), ks=tuple(config.eval.ks),
+      chunk=config.eval.chunk)
+  flat = train.run_evals(evaluator, run.embed_fns, run.params)
+  results = {}
+  for key, value in flat.items():
+    _, name, metric = key.split("/")
+    results.setdefault(name, {})[metric] = value
+  return results, run.step
+
+
+def results_table(results, ks):
+  """A text table: one row per evaluator, columns R@k both ways, rsum and median ranks."""
+  columns = ([f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
+             + ["rsum", "i2t_medr", "t2i_medr"])
+  width = max(len(name) for name in results)
+  lines = [" ".join([" " * width] + [f"{c:>9}" for c in columns])]
+  for name, metrics in results.items():
+    lines.append(" ".join([f"{name:<{width}}"] + [f"{metrics[c]:9.2f}" for c in columns]))
+  return "\n".join(lines)
 
 
 def _in_batches(embed_rows, num_rows, batch_size):

@@ -1,6 +1,7 @@
 """Eval only (`cots_jax.evaluate`), the trained-run loader it shares with search and report, and
 fine-tuning with configs/finetune_retrieval.py."""
 
+import functools
 import json
 import os
 import shutil
@@ -14,7 +15,6 @@ import pytest
 
 from configs import finetune_retrieval
 from cots_jax import config_validation
-from cots_jax import evaluate
 from cots_jax import inference
 from cots_jax import train
 from cots_jax.data import pipeline
@@ -28,6 +28,12 @@ RUN_OVERRIDES = {"loss.mvm": 0.0, "loss.mlm": 0.0, "total_steps": 12, "checkpoin
                  "log_every": 3}
 
 
+def embed_both(model, params, image, text_ids, text_mask):
+  """The model's image [n, E] and text [m, E] embeddings, in one pass each."""
+  return (model.apply({"params": params}, image, method=model.image_embedding)[0],
+          model.apply({"params": params}, text_ids, text_mask, method=model.text_embedding)[0])
+
+
 def unbatched_metrics(config, workdir, step, params_key):
   """The §4.1 metrics of one checkpoint with every image and caption embedded in one batch,
   from the state file read by Orbax directly."""
@@ -38,16 +44,15 @@ def unbatched_metrics(config, workdir, step, params_key):
   (images,), (texts,) = split.image_batches(), split.text_batches()
   images, texts = ({key: value[batch["valid"]] for key, value in batch.items()}
                    for batch in (images, texts))
-  img = model.apply({"params": params}, images["image"], method=model.image_embedding)[0]
-  txt = model.apply({"params": params}, texts["text_ids"], texts["text_mask"],
-                    method=model.text_embedding)[0]
+  img, txt = jax.jit(functools.partial(embed_both, model))(params, images["image"],
+                                                            texts["text_ids"], texts["text_mask"])
   return retrieval.retrieval_metrics(np.asarray(img) @ np.asarray(txt).T, split.txt2img)
 
 
 def test_eval_in_uneven_batches_equals_one_unbatched_pass(trained_run):
   """20 images and 100 captions in batches of 7: the padded tail adds nothing and loses nothing."""
   config = tiny_config(**RUN_OVERRIDES, **{"eval.batch_size": 7})
-  results, step = evaluate.evaluate(config, trained_run)
+  results, step = inference.evaluate_checkpoint(config, trained_run)
   assert step == 12 and set(results) == {"retrieval", "retrieval_momentum"}
   for name, key in train.EVALUATED_PARAMS:
     want = unbatched_metrics(config, trained_run, 12, key)
@@ -58,19 +63,19 @@ def test_eval_in_uneven_batches_equals_one_unbatched_pass(trained_run):
 
 def test_an_earlier_step_is_evaluated_when_asked_and_a_missing_one_is_named(trained_run):
   config = tiny_config(**RUN_OVERRIDES)
-  results, step = evaluate.evaluate(config, trained_run, step=6)
+  results, step = inference.evaluate_checkpoint(config, trained_run, step=6)
   assert step == 6
   want = unbatched_metrics(config, trained_run, 6, "params")
   np.testing.assert_allclose([results["retrieval"][k] for k in want], list(want.values()),
                              rtol=1e-6)
   with pytest.raises(FileNotFoundError, match=r"no complete checkpoint of step 5 .*\[6, 12\]"):
-    evaluate.evaluate(config, trained_run, step=5)
+    inference.evaluate_checkpoint(config, trained_run, step=5)
 
 
 def test_a_config_of_another_model_shape_is_refused_with_the_parameter_names(trained_run):
   config = tiny_config(**RUN_OVERRIDES, **{"model.embed_dim": 24})
   with pytest.raises(ValueError, match=r"does not fit this model:\n  mis-shaped: params/"):
-    evaluate.evaluate(config, trained_run)
+    inference.evaluate_checkpoint(config, trained_run)
   with pytest.raises(FileNotFoundError, match="not the workdir of a cots_jax run"):
     inference.TrainedRun.load(os.path.join(trained_run, "checkpoints"))
 
@@ -84,14 +89,11 @@ def test_trained_run_embeds_like_the_model_with_either_encoder(trained_run):
   ids, mask = pipeline.tokenizer_lib.tokenize(
       pipeline.tokenizer_lib.load_tokenizer(), captions, run.config.input.max_len)
   image = np.random.default_rng(0).uniform(-1, 1, (3, 24, 24, 3)).astype(np.float32)
+  reference = jax.jit(functools.partial(embed_both, model))
   for encoder, key in inference.ENCODERS.items():
-    params = state[key]
-    np.testing.assert_allclose(
-        run.embed_texts(captions, encoder),
-        model.apply({"params": params}, ids, mask, method=model.text_embedding)[0], atol=1e-5)
-    np.testing.assert_allclose(
-        run.embed_images(image, encoder),
-        model.apply({"params": params}, image, method=model.image_embedding)[0], atol=1e-5)
+    want_image, want_text = reference(state[key], image, ids, mask)
+    np.testing.assert_allclose(run.embed_texts(captions, encoder), want_text, atol=1e-5)
+    np.testing.assert_allclose(run.embed_images(image, encoder), want_image, atol=1e-5)
   with pytest.raises(ValueError, match="encoder 'ema' is unknown"):
     run.embed_texts(captions, "ema")
 
@@ -99,7 +101,7 @@ def test_trained_run_embeds_like_the_model_with_either_encoder(trained_run):
 def test_results_table_has_one_row_per_evaluator_and_every_column():
   metrics = {f"{d}_r{k}": float(k) for d in ("i2t", "t2i") for k in (1, 5)}
   metrics.update(rsum=12.0, i2t_medr=3.5, t2i_medr=2.0, r_mean=3.0)
-  table = evaluate.results_table({"retrieval": metrics, "retrieval_momentum": metrics}, (1, 5))
+  table = inference.results_table({"retrieval": metrics, "retrieval_momentum": metrics}, (1, 5))
   header, *rows = table.splitlines()
   assert header.split() == ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum", "i2t_medr",
                             "t2i_medr"]
@@ -118,7 +120,7 @@ def test_evaluate_command_writes_the_final_eval_of_the_run(trained_run, tmp_path
       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "checkpoint 12 of" in result.stdout and "retrieval_momentum" in result.stdout
-  written = json.loads(open(os.path.join(workdir, evaluate.RESULTS_FILE)).read())
+  written = json.loads(open(os.path.join(workdir, "eval_results.json")).read())
   final = json.loads(open(os.path.join(workdir, "final_eval.json")).read())
   assert {f"eval/{name}/{metric}": value for name, metrics in written.items()
           for metric, value in metrics.items()} == final

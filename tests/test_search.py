@@ -254,23 +254,21 @@ def test_main_queries_a_caption_index_with_an_image(run, trained_run, captions_f
 
 
 def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_folder,
-                                                        image_index, tmp_path):
-  """The two commands end to end in child processes (the momentum encoder, an .npz index)."""
+                                                        image_index, tmp_path, capsys):
+  """The two commands end to end (the momentum encoder, an .npz index); the query in a child
+  process, as `python -m cots_jax.search`."""
   folder, readable, bad = image_folder
   index = tmp_path / "images.npz"
-  command = [sys.executable, "-m", "cots_jax.search"]
-  indexed = subprocess.run(
-      command + ["index", f"--workdir={trained_run}", f"--images={folder}", "--encoder=momentum",
-                 f"--out={index}"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
-  assert indexed.returncode == 0, indexed.stderr
-  assert indexed.stdout == f"indexed {len(readable)} images, skipped {len(bad)}: {index}\n"
-  assert all(f"skipped {path}: " in indexed.stderr for path in bad)
+  search.main(["index", f"--workdir={trained_run}", f"--images={folder}", "--encoder=momentum",
+               f"--out={index}"])
+  indexed = capsys.readouterr()
+  assert indexed.out == f"indexed {len(readable)} images, skipped {len(bad)}: {index}\n"
+  assert all(f"skipped {path}: " in indexed.err for path in bad)
   embeddings, items, meta = search.load_index(index)
   assert items == readable and meta["encoder"] == "momentum" and meta["step"] == 12
   assert not np.allclose(embeddings, image_index[0][0], atol=1e-4)  # the online encoder's
   queried = subprocess.run(
-      command + ["query", f"--index={index}", f"--text={QUERY}", "-k", "3", "--json"],
+      [sys.executable, "-m", "cots_jax.search", "query", f"--index={index}", f"--text={QUERY}", "-k", "3", "--json"],
       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
   assert queried.returncode == 0, queried.stderr
   hits = json.loads(queried.stdout)
