@@ -69,7 +69,12 @@ def model_config(size="tiny"):
   m.image.heads = 3 if size == "tiny" else 12
   m.image.mlp_ratio = 4.0
   m.image.dropout = 0.0
-  m.image.init = ""  # local path of pre-trained weights (public-weights issue); "" = scratch.
+  m.image.layer_norm_eps = 1e-6
+  m.image.gelu = "exact"  # exact (erf) | tanh
+  # A local ViT checkpoint (cots_jax/pretrained.py): a Hugging Face ViTModel directory, a timm
+  # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
+  # size stays, position embeddings are interpolated to it) and its weights the tower's.
+  m.image.init = ""
 
   m.text = ml_collections.ConfigDict()
   m.text.vocab_size = 30522
@@ -81,6 +86,9 @@ def model_config(size="tiny"):
   m.text.type_vocab_size = 2
   m.text.dropout = 0.0
   m.text.layer_norm_eps = 1e-12
+  m.text.gelu = "exact"  # exact (erf) | tanh
+  # A local Hugging Face BERT directory (config.json + model.safetensors; cots_jax/pretrained.py):
+  # its sizes replace the ones above, its weights the tower's, its tokenizer the shipped one.
   m.text.init = ""
   return m
 

@@ -13,6 +13,8 @@ CHOICES = {
     "model.mvlm_fusion": ("concat", "add", "none"),
     "model.mvlm_global_src": ("online", "momentum"),
     "model.pool": ("cls", "mean"),
+    "model.text.gelu": ("exact", "tanh"),
+    "model.image.gelu": ("exact", "tanh"),
     "vq.codebook_update": ("ema", "st"),
     "momentum.schedule": ("constant", "cosine"),
     "kl.direction": ("sym", "i2t_to_t2i", "t2i_to_i2t"),

@@ -19,6 +19,7 @@ import numpy as np
 from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import paths
+from cots_jax import pretrained
 from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import tokenizer as tokenizer_lib
@@ -77,6 +78,7 @@ class TrainedRun:
     if config is None:
       config = load_run_config(workdir)
       config.mesh = [("data", -1)]
+    config = pretrained.resolve_pretrained(config)
     mesh = train.make_mesh(config)
     model = cots_model.CotsModel.from_config(config)
     params, step = checkpoint.restore_params(

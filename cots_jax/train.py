@@ -28,6 +28,7 @@ from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import losses
 from cots_jax import momentum as momentum_lib
+from cots_jax import pretrained
 from cots_jax import queue as queue_lib
 from cots_jax import sharding
 from cots_jax import vq_trainer
@@ -405,7 +406,9 @@ def train_and_evaluate(config, workdir):
 
 def _train_and_evaluate(config, workdir, preemption):
   """`train_and_evaluate`, with SIGTERM turned into `preemption.requested(step)`."""
-  # --- logging & workdir (fails here if it is unwritable or holds a run of another shape)
+  # --- logging & workdir (fails here if it is unwritable or holds a run of another shape); a
+  # pre-trained tower's sizes and tokenizer enter the config first, so config.json has them
+  config = pretrained.resolve_pretrained(config)
   config_validation.validate(config)
   is_chief = jax.process_index() == 0
   checkpoint.prepare_workdir(workdir, config, write_config=is_chief)
@@ -434,13 +437,14 @@ def _train_and_evaluate(config, workdir, preemption):
   update = jit_update(config, model, optimizer, mesh, state_shardings)
 
   # --- checkpoint: resume from the latest complete one (no fresh state is built first), else a
-  # fresh state, with the towers of config.init_from when set
+  # fresh state, with the public weights of model.*.init and then the run of init_from when set
   manager = checkpoint.checkpoint_manager(workdir, config)
   checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(abstract))
   if manager.latest_step() is not None:
     state = checkpoint.restore_checkpoint(manager, abstract, train_iter)
   else:
     state, _ = create_state(config, model, optimizer, vq_variables, mesh)
+    state = pretrained.init_pretrained_towers(config, state)
     if config.init_from:
       state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
 

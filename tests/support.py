@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from configs import pretrain
 
@@ -64,3 +65,21 @@ def start_main(workdir, log_path, *flags, devices=None):
         [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
          f"--workdir={workdir}", *flags],
         cwd=REPO, env=subprocess_env(devices), stdout=log, stderr=subprocess.STDOUT)
+
+
+def missing_requirement(message):
+  """Skips the test for lack of `message`'s data, or fails it under COTS_REQUIRE_SHARED_DATA=1
+  (CI sets it: there, missing data is a failure, never a silent skip)."""
+  if os.environ.get("COTS_REQUIRE_SHARED_DATA") == "1":
+    pytest.fail(f"COTS_REQUIRE_SHARED_DATA=1 but {message}")
+  pytest.skip(message)
+
+
+def shared_dataset_dir(name):
+  """$COTS_DATA_DIR/NAME (default ../shared/data/NAME beside the repo); `missing_requirement`
+  when it is absent."""
+  path = os.path.join(os.environ.get("COTS_DATA_DIR") or os.path.join(REPO, "..", "shared", "data"),
+                      name)
+  if not os.path.isdir(path):
+    missing_requirement(f"{path} is missing")
+  return path

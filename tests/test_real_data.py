@@ -17,8 +17,8 @@ from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import sources
 from cots_jax.metrics_writer import read_metrics
+from support import shared_dataset_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, BATCH = 24, 4
 
 
@@ -219,18 +219,8 @@ def test_training_stops_naming_the_bad_file_when_told_to_fail(dataset_dir, tmp_p
     train.train_and_evaluate(_train_config(dataset_dir, "fail"), str(tmp_path))
 
 
-def _shared_flickr8k():
-  root = os.path.join(os.environ.get("COTS_DATA_DIR", os.path.join(REPO, "..", "shared", "data")),
-                      "flickr8k")
-  if not os.path.isdir(root):
-    if os.environ.get("COTS_REQUIRE_SHARED_DATA") == "1":
-      pytest.fail(f"COTS_REQUIRE_SHARED_DATA=1 but {root} is missing")
-    pytest.skip(f"{root} is missing")
-  return os.path.dirname(root)
-
-
 def test_flickr8k_config_reads_the_shared_data(monkeypatch):
-  monkeypatch.setenv("COTS_DATA_DIR", _shared_flickr8k())
+  monkeypatch.setenv("COTS_DATA_DIR", os.path.dirname(shared_dataset_dir("flickr8k")))
   config = pretrain.get_config("data=flickr8k")
   train_source = pipeline.make_source(config, "train")
   eval_source = pipeline.make_source(config, "eval")

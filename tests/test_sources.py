@@ -16,23 +16,8 @@ from PIL import Image
 from configs import common
 from cots_jax.data import sources
 from cots_jax.data.transforms import BadExampleError
+from support import REPO, shared_dataset_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shared_data_dir():
-  """The shared data root holding flickr8k/: $COTS_DATA_DIR, else ../shared/data of the repo."""
-  return os.environ.get("COTS_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-
-
-def _shared_dataset_dir(name):
-  """shared_data_dir()/name; skips when absent, fails instead under COTS_REQUIRE_SHARED_DATA=1."""
-  path = os.path.join(shared_data_dir(), name)
-  if not os.path.isdir(path):
-    if os.environ.get("COTS_REQUIRE_SHARED_DATA") == "1":
-      pytest.fail(f"{path} is missing and COTS_REQUIRE_SHARED_DATA=1")
-    pytest.skip(f"{path} is not present")
-  return path
 
 
 def _random_image(seed, height, width):
@@ -222,7 +207,7 @@ def test_captions_json_survives_pickling(captions_tree):
 
 
 def test_real_flickr8k_annotations():
-  root = _shared_dataset_dir("flickr8k")
+  root = shared_dataset_dir("flickr8k")
   annotations, images_dir = os.path.join(root, "annotations.json"), os.path.join(root, "images")
   captions_by_file = {}  # from captions.tsv, a second copy of the captions
   with open(os.path.join(root, "captions.tsv"), encoding="utf-8") as f:

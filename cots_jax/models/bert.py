@@ -1,6 +1,6 @@
 """BERT text tower (method §4 item 2) whose parameter tree maps 1:1 to Hugging Face `BertModel`.
 
-Post-LN encoder with exact (erf) GELU, as `bert-base-uncased`. Module names follow the HF state
+Post-LN encoder with exact (erf) GELU, as `bert-base-uncased` (or the tanh form, `gelu="tanh"`). Module names follow the HF state
 dict, so `hf_param_name` turns a flax path into the safetensors key:
 
   embeddings/{word_embeddings, position_embeddings, token_type_embeddings}/embedding, LayerNorm
@@ -18,6 +18,7 @@ from flax import traverse_util
 import jax.numpy as jnp
 
 _INIT = nn.initializers.normal(0.02)  # BERT's initializer_range.
+GELU_FORMS = ("exact", "tanh")
 
 
 def _dense(features, dtype, name):
@@ -93,13 +94,15 @@ class BertResidualOutput(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-  """Dense to the intermediate size, then exact GELU."""
+  """Dense to the intermediate size, then GELU (exact erf, or the tanh approximation)."""
   features: int
   dtype: Any
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return nn.gelu(_dense(self.features, self.dtype, "dense")(x), approximate=False)
+    return nn.gelu(_dense(self.features, self.dtype, "dense")(x),
+                   approximate=self.gelu_approximate)
 
 
 class BertAttention(nn.Module):
@@ -124,12 +127,14 @@ class BertLayer(nn.Module):
   layer_norm_eps: float
   dropout: float
   dtype: Any
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, attention_mask, train=False):
     x = BertAttention(self.heads, self.layer_norm_eps, self.dropout, self.dtype,
                       name="attention")(x, attention_mask, train)
-    y = BertIntermediate(self.intermediate_size, self.dtype, name="intermediate")(x)
+    y = BertIntermediate(self.intermediate_size, self.dtype, self.gelu_approximate,
+                         name="intermediate")(x)
     return BertResidualOutput(x.shape[-1], self.layer_norm_eps, self.dropout, self.dtype,
                               name="output")(y, x, train)
 
@@ -143,13 +148,15 @@ class BertEncoder(nn.Module):
   dropout: float
   dtype: Any
   remat: bool = False
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, attention_mask, train=False):
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(self.depth):
       x = layer_cls(self.heads, self.intermediate_size, self.layer_norm_eps, self.dropout,
-                    self.dtype, name=f"layer_{i}")(x, attention_mask, train)
+                    self.dtype, self.gelu_approximate, name=f"layer_{i}")(
+                        x, attention_mask, train)
     return x
 
 
@@ -165,6 +172,7 @@ class Bert(nn.Module):
     dropout: hidden and attention-probability dropout (active only when train).
     dtype: compute dtype; parameters stay float32.
     remat: rematerialise each layer in the backward pass.
+    gelu: "exact" (erf, HF "gelu") or "tanh" (HF "gelu_new" / "gelu_pytorch_tanh").
   """
   vocab_size: int
   width: int
@@ -177,6 +185,7 @@ class Bert(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  gelu: str = "exact"
 
   @classmethod
   def from_config(cls, text_config, dtype=jnp.float32, remat=False):
@@ -186,14 +195,17 @@ class Bert(nn.Module):
                mlp_ratio=text_config.mlp_ratio, max_positions=text_config.max_positions,
                type_vocab_size=text_config.type_vocab_size,
                layer_norm_eps=text_config.layer_norm_eps, dropout=text_config.dropout,
-               dtype=dtype, remat=remat)
+               dtype=dtype, remat=remat, gelu=text_config.gelu)
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.vocab_size, self.width, self.max_positions,
                                      self.type_vocab_size, self.layer_norm_eps, self.dropout,
                                      self.dtype)
-    self.encoder = BertEncoder(self.depth, self.heads, int(self.width * self.mlp_ratio),
-                               self.layer_norm_eps, self.dropout, self.dtype, self.remat)
+    if self.gelu not in GELU_FORMS:
+      raise ValueError(f"gelu {self.gelu!r} is unknown; use one of {GELU_FORMS}")
+    self.encoder = BertEncoder(self.depth, self.heads, round(self.width * self.mlp_ratio),
+                               self.layer_norm_eps, self.dropout, self.dtype, self.remat,
+                               gelu_approximate=self.gelu == "tanh")
 
   def __call__(self, input_ids, attention_mask, train=False):
     """Encodes token ids.

@@ -16,12 +16,13 @@ class MlpBlock(nn.Module):
   hidden: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, train=False):
     width = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
@@ -32,16 +33,19 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, train=False):
-    y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype, force_fp32_for_softmax=True,
         deterministic=True, name="attn")(y, y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.gelu_approximate, name="mlp")(
+        y, train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -55,6 +59,8 @@ class ViT(nn.Module):
     dropout: dropout rate on embeddings, attention output and MLP (active only when train).
     dtype: compute dtype; parameters stay float32.
     remat: rematerialise each block in the backward pass (saves activation memory).
+    layer_norm_eps: LayerNorm epsilon (1e-6 as timm / big_vision; Hugging Face ViT uses 1e-12).
+    gelu: "exact" (erf: timm, Hugging Face) or "tanh" (big_vision / AugReg, flax's default).
   """
   image_size: int
   patch_size: int
@@ -65,6 +71,8 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  layer_norm_eps: float = 1e-6
+  gelu: str = "exact"
 
   @classmethod
   def from_config(cls, image_config, dtype=jnp.float32, remat=False):
@@ -72,7 +80,8 @@ class ViT(nn.Module):
     return cls(image_size=image_config.image_size, patch_size=image_config.patch_size,
                width=image_config.width, depth=image_config.depth, heads=image_config.heads,
                mlp_ratio=image_config.mlp_ratio, dropout=image_config.dropout, dtype=dtype,
-               remat=remat)
+               remat=remat, layer_norm_eps=image_config.layer_norm_eps,
+               gelu=image_config.gelu)
 
   @property
   def grid_size(self):
@@ -122,6 +131,6 @@ class ViT(nn.Module):
 
     block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = block_cls(self.heads, int(self.width * self.mlp_ratio), self.dropout, self.dtype,
-                    name=f"block_{i}")(x, train)
-    return nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+      x = block_cls(self.heads, round(self.width * self.mlp_ratio), self.dropout, self.dtype,
+                    self.layer_norm_eps, self.gelu == "tanh", name=f"block_{i}")(x, train)
+    return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm")(x)
