@@ -79,9 +79,7 @@ def bert_sizes(hf_config):
   """
   if hf_config.get("model_type", "bert") != "bert":
     raise ValueError(f"model_type {hf_config['model_type']!r} is not a BERT")
-  act = hf_config.get("hidden_act", "gelu")
-  if act not in _GELU_FORMS:
-    raise ValueError(f"hidden_act {act!r} is not supported; the tower has {sorted(_GELU_FORMS)}")
+  gelu = _gelu_form(hf_config)
   if hf_config.get("position_embedding_type", "absolute") != "absolute":
     raise ValueError("only absolute position embeddings are supported, not "
                      f"{hf_config['position_embedding_type']!r}")
@@ -91,7 +89,15 @@ def bert_sizes(hf_config):
           "mlp_ratio": hf_config["intermediate_size"] / width,
           "max_positions": hf_config["max_position_embeddings"],
           "type_vocab_size": hf_config.get("type_vocab_size", 2),
-          "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12), "gelu": _GELU_FORMS[act]}
+          "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12), "gelu": gelu}
+
+
+def _gelu_form(hf_config):
+  """The tower's `gelu` form of a Hugging Face config's `hidden_act`; ValueError if it has none."""
+  act = hf_config.get("hidden_act", "gelu")
+  if act not in _GELU_FORMS:
+    raise ValueError(f"hidden_act {act!r} is not supported; the tower has {sorted(_GELU_FORMS)}")
+  return _GELU_FORMS[act]
 
 
 def bert_params_from_hf(tensors, target):
@@ -163,41 +169,46 @@ def _torch_conv(weight):
   return weight.transpose(2, 3, 1, 0)
 
 
+def _collector(tensors, names):
+  """(put, converted): `put(path, name, convert)` records `converted[path] = (key, convert(
+  tensor))` for the checkpoint key `names[name]`, when the checkpoint has it (else nothing: the
+  parameter is reported missing)."""
+  converted = {}
+
+  def put(path, name, convert=lambda x: x):
+    if name in names:
+      converted[path] = (names[name], convert(tensors[names[name]]))
+
+  return put, converted
+
+
 def _vit_params_from_hf(tensors, hf_config):
   """Hugging Face `ViTModel` tensors (keys with or without `vit.`) -> (sizes, {flax path:
   (key, array)})."""
   prefixed = any(key.startswith("vit.") for key in tensors)
-  t = {key.removeprefix("vit."): key for key in tensors if not prefixed or key.startswith("vit.")}
+  put, converted = _collector(tensors, {key.removeprefix("vit."): key for key in tensors
+                                        if not prefixed or key.startswith("vit.")})
   width, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-  act = hf_config.get("hidden_act", "gelu")
-  if act not in _GELU_FORMS:
-    raise ValueError(f"hidden_act {act!r} is not supported; the tower has {sorted(_GELU_FORMS)}")
   sizes = {"patch_size": hf_config["patch_size"], "width": width,
            "depth": hf_config["num_hidden_layers"], "heads": heads,
            "mlp_ratio": hf_config["intermediate_size"] / width,
-           "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12), "gelu": _GELU_FORMS[act]}
-  out = {}
-
-  def put(path, name, convert=lambda x: x):
-    if name in t:
-      out[path] = (t[name], convert(tensors[t[name]]))
-
-  split_heads = lambda w: _torch_linear(w).reshape(width, heads, -1)  # noqa: E731
+           "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12),
+           "gelu": _gelu_form(hf_config)}
   put(("cls",), "embeddings.cls_token")
   put(("pos_embed",), "embeddings.position_embeddings")
   put(("mask_token",), "embeddings.mask_token")
   put(("patch_embed", "kernel"), "embeddings.patch_embeddings.projection.weight", _torch_conv)
   put(("patch_embed", "bias"), "embeddings.patch_embeddings.projection.bias")
-  for name, ours in (("layernorm", "norm"),):
-    put((ours, "scale"), f"{name}.weight")
-    put((ours, "bias"), f"{name}.bias")
+  put(("norm", "scale"), "layernorm.weight")
+  put(("norm", "bias"), "layernorm.bias")
   for i in range(sizes["depth"]):
     hf, block = f"encoder.layer.{i}.", f"block_{i}"
     for name, ours in (("layernorm_before", "norm1"), ("layernorm_after", "norm2")):
       put((block, ours, "scale"), f"{hf}{name}.weight")
       put((block, ours, "bias"), f"{hf}{name}.bias")
     for name in ("query", "key", "value"):
-      put((block, "attn", name, "kernel"), f"{hf}attention.attention.{name}.weight", split_heads)
+      put((block, "attn", name, "kernel"), f"{hf}attention.attention.{name}.weight",
+          lambda w: _torch_linear(w).reshape(width, heads, -1))
       put((block, "attn", name, "bias"), f"{hf}attention.attention.{name}.bias",
           lambda b: b.reshape(heads, -1))
     put((block, "attn", "out", "kernel"), f"{hf}attention.output.dense.weight",
@@ -206,7 +217,7 @@ def _vit_params_from_hf(tensors, hf_config):
     for name, ours in (("intermediate.dense", "fc1"), ("output.dense", "fc2")):
       put((block, "mlp", ours, "kernel"), f"{hf}{name}.weight", _torch_linear)
       put((block, "mlp", ours, "bias"), f"{hf}{name}.bias")
-  return sizes, out
+  return sizes, converted
 
 
 def _vit_params_from_timm(tensors, heads):
@@ -219,38 +230,32 @@ def _vit_params_from_timm(tensors, heads):
            "depth": depth, "heads": heads,
            "mlp_ratio": tensors["blocks.0.mlp.fc1.weight"].shape[0] / width,
            "layer_norm_eps": 1e-6, "gelu": "exact"}
-  out = {}
-
-  def put(path, key, array):
-    out[path] = (key, array)
-
-  put(("cls",), "cls_token", tensors["cls_token"])
-  put(("pos_embed",), "pos_embed", tensors["pos_embed"])
-  put(("patch_embed", "kernel"), "patch_embed.proj.weight",
-      _torch_conv(tensors["patch_embed.proj.weight"]))
-  put(("patch_embed", "bias"), "patch_embed.proj.bias", tensors["patch_embed.proj.bias"])
-  put(("norm", "scale"), "norm.weight", tensors["norm.weight"])
-  put(("norm", "bias"), "norm.bias", tensors["norm.bias"])
+  put, converted = _collector(tensors, {key: key for key in tensors})
+  put(("cls",), "cls_token")
+  put(("pos_embed",), "pos_embed")
+  put(("patch_embed", "kernel"), "patch_embed.proj.weight", _torch_conv)
+  put(("patch_embed", "bias"), "patch_embed.proj.bias")
+  put(("norm", "scale"), "norm.weight")
+  put(("norm", "bias"), "norm.bias")
   for i in range(depth):
     timm, block = f"blocks.{i}.", f"block_{i}"
     for name in ("norm1", "norm2"):
-      put((block, name, "scale"), f"{timm}{name}.weight", tensors[f"{timm}{name}.weight"])
-      put((block, name, "bias"), f"{timm}{name}.bias", tensors[f"{timm}{name}.bias"])
+      put((block, name, "scale"), f"{timm}{name}.weight")
+      put((block, name, "bias"), f"{timm}{name}.bias")
     # One fused [3 * width, width] projection: query, key, value in that order.
-    qkv_w, qkv_b = tensors[f"{timm}attn.qkv.weight"], tensors[f"{timm}attn.qkv.bias"]
     for index, name in enumerate(("query", "key", "value")):
       rows = slice(index * width, (index + 1) * width)
       put((block, "attn", name, "kernel"), f"{timm}attn.qkv.weight",
-          _torch_linear(qkv_w[rows]).reshape(width, heads, -1))
-      put((block, "attn", name, "bias"), f"{timm}attn.qkv.bias", qkv_b[rows].reshape(heads, -1))
+          lambda w, rows=rows: _torch_linear(w[rows]).reshape(width, heads, -1))
+      put((block, "attn", name, "bias"), f"{timm}attn.qkv.bias",
+          lambda b, rows=rows: b[rows].reshape(heads, -1))
     put((block, "attn", "out", "kernel"), f"{timm}attn.proj.weight",
-        _torch_linear(tensors[f"{timm}attn.proj.weight"]).reshape(heads, -1, width))
-    put((block, "attn", "out", "bias"), f"{timm}attn.proj.bias", tensors[f"{timm}attn.proj.bias"])
+        lambda w: _torch_linear(w).reshape(heads, -1, width))
+    put((block, "attn", "out", "bias"), f"{timm}attn.proj.bias")
     for name in ("fc1", "fc2"):
-      put((block, "mlp", name, "kernel"), f"{timm}mlp.{name}.weight",
-          _torch_linear(tensors[f"{timm}mlp.{name}.weight"]))
-      put((block, "mlp", name, "bias"), f"{timm}mlp.{name}.bias", tensors[f"{timm}mlp.{name}.bias"])
-  return sizes, out
+      put((block, "mlp", name, "kernel"), f"{timm}mlp.{name}.weight", _torch_linear)
+      put((block, "mlp", name, "bias"), f"{timm}mlp.{name}.bias")
+  return sizes, converted
 
 
 _BIG_VISION_BLOCK = re.compile(r"(?:img/)?Transformer/encoderblock_(\d+)/(\w+?)_(\d+)/(.+)")
