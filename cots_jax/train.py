@@ -90,7 +90,12 @@ def abstract_params(config, model, mesh):
   """{"params", "params_ema"} as ShapeDtypeStructs with the train state's shardings on `mesh`
   (what eval-only and inference restore from a checkpoint; nothing is allocated)."""
   params = jax.eval_shape(functools.partial(init_params, config, model), jax.random.PRNGKey(0))
-  abstract = {"params": params, "params_ema": params}
+  return _with_shardings({"params": params, "params_ema": params}, config, mesh)
+
+
+def _with_shardings(abstract, config, mesh):
+  """ShapeDtypeStructs of state paths (`abstract`) given the NamedShardings of
+  `config.sharding_rules` on `mesh`."""
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules,
                                       config.fsdp_min_size)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -137,10 +142,7 @@ def abstract_state(config, model, optimizer, vq_variables, mesh):
   `config.sharding_rules` on `mesh`; nothing is allocated (`vq_variables` may be abstract too)."""
   abstract = jax.eval_shape(functools.partial(init_state, config, model, optimizer),
                             vq_variables, jax.random.PRNGKey(config.seed))
-  shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules,
-                                      config.fsdp_min_size)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return _with_shardings(abstract, config, mesh)
 
 
 def state_shardings_of(abstract):
