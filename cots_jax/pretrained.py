@@ -350,13 +350,20 @@ def interpolate_positions(pos, grid):
   return np.concatenate([pos[:, :1], np.asarray(patches).reshape(1, grid * grid, -1)], axis=1)
 
 
-def vit_params_from_checkpoint(path, target, grid, heads=None):
-  """`read_vit_checkpoint` fitted to a ViT tower of `grid` x `grid` patches.
+def vit_params_from_checkpoint(checkpoint, target, grid, path):
+  """A `read_vit_checkpoint` result fitted to a ViT tower of `grid` x `grid` patches.
+
+  Args:
+    checkpoint: (sizes, converted, keys) of `read_vit_checkpoint`.
+    target: the tower's parameter tree (only shapes are read).
+    grid: patches per side of the tower.
+    path: the checkpoint's path, for the log.
 
   Returns:
     (loaded {flax path: float32 array}, missing, unused), as `bert_params_from_hf`.
   """
-  _, converted, keys = read_vit_checkpoint(path, heads)
+  _, converted, keys = checkpoint
+  converted = dict(converted)
   if ("pos_embed",) in converted:
     key, pos = converted[("pos_embed",)]
     resized = interpolate_positions(pos, grid)
@@ -379,14 +386,15 @@ def load_hf_vit(path, image_size=None, dtype=jnp.float32, heads=None):
     dtype: compute dtype (parameters are float32).
     heads: head count of a timm file (None: width / 64).
   """
-  sizes, converted, _ = read_vit_checkpoint(path, heads)
+  checkpoint = read_vit_checkpoint(path, heads)
+  sizes, converted, _ = checkpoint
   if image_size is None:
     image_size = int(round((converted[("pos_embed",)][1].shape[1] - 1) ** 0.5)) * sizes[
         "patch_size"]
   module = vit_lib.ViT(image_size=image_size, **sizes, dtype=dtype)
   fresh = module.init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)))["params"]
   loaded, missing, unused = vit_params_from_checkpoint(
-      path, fresh, image_size // sizes["patch_size"], heads)
+      checkpoint, fresh, image_size // sizes["patch_size"], path)
   _report("load_hf_vit", path, missing, unused)
   return module, _merged(fresh, loaded, lambda array, _: jnp.asarray(array))
 
@@ -477,7 +485,8 @@ def init_pretrained_towers(config, state):
   loaders = {"text": lambda target: bert_params_from_hf(read_safetensors(config.model.text.init),
                                                         target),
              "image": lambda target: vit_params_from_checkpoint(
-                 image.init, target, image.image_size // image.patch_size, image.heads)}
+                 read_vit_checkpoint(image.init, image.heads), target,
+                 image.image_size // image.patch_size, image.init)}
 
   def place(array, fresh):
     return jax.make_array_from_callback(array.shape, fresh.sharding, lambda index: array[index])
