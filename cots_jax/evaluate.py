@@ -31,9 +31,7 @@ RESULTS_FILE = "eval_results.json"
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize()
+  distributed.initialize(argv)
   config = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
   results, step = inference.evaluate_checkpoint(config, workdir, _STEP.value)

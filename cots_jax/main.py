@@ -22,9 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize()
+  distributed.initialize(argv)
   config = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
   if config.trainer == "vq":
