@@ -60,6 +60,18 @@ def model_config(size="tiny"):
   # leave chance in 200 steps with it; with "mean" it did (README).
   m.pool = "mean" if size == "tiny" else "cls"
   m.remat = False  # rematerialise the tower blocks in the backward pass (memory for FLOPs)
+  # COOKIE's weight-sharing transformer between the towers and the projections (method §2.2,
+  # models/wst.py): `wst_layers` pre-LN layers applied to each modality's tokens; shared = one
+  # parameter set for both (False: one stack per modality, the ablation that isolates sharing).
+  m.use_wst = False
+  m.wst_layers = 2
+  m.wst_shared = True
+  m.wst_modality_embed = True
+  m.wst_pool = "mean" if size == "tiny" else "cls"  # cls | mean (masked), as `pool`
+  m.wst_width = 0  # 0 = the text tower's width; a tower of another width is projected to it
+  m.wst_heads = 0  # 0 = the text tower's heads
+  m.wst_mlp_ratio = 4.0
+  m.wst_dropout = 0.0
 
   m.image = ml_collections.ConfigDict()
   m.image.image_size = 48 if size == "tiny" else 224
@@ -152,6 +164,18 @@ def base_config(size="tiny"):
   c.loss.kl_align = aux_weight
   # ALBEF momentum distillation of the ITC targets (method §4.12); 0 = hard targets (COTS default).
   c.loss.itc_alpha = 0.0
+  # COOKIE's three contrastive terms (method §2.3, §4.18; configs/cookie_pretrain.py): cross-modal
+  # InfoNCE of the online embeddings in the batch (with `cookie_use_queue`: the queued momentum
+  # logits of `itc` instead), and the image-image (vv) / text-text (tt) terms of
+  # `cookie_intra_mode`: "views" (two augmented views of each image, input.second_view; each
+  # caption twice with different dropout, at temperature `cookie_text_temp`) or "cross_model"
+  # (the WST-level embedding against its tower's own projection, per modality).
+  c.loss.cookie_cm = 0.0
+  c.loss.cookie_vv = 0.0
+  c.loss.cookie_tt = 0.0
+  c.loss.cookie_intra_mode = "views"
+  c.loss.cookie_text_temp = 0.05
+  c.loss.cookie_use_queue = False
 
   c.queue = ml_collections.ConfigDict()
   c.queue.size = 4096 if size == "tiny" else 65_536
@@ -206,6 +230,13 @@ def base_config(size="tiny"):
   c.input.augment = "none"
   c.input.crop_scale = (0.5, 1.0)  # area fraction of the random-resized crop
   c.input.flip_prob = 0.5
+  # A second, independently augmented view of each training image (batch key `image_view`), for
+  # COOKIE's image-image term in "views" mode; crop area fraction and flip probability of that
+  # view, also used for the two views of the image instance-retrieval eval. No flip by default:
+  # the synthetic captions name sides.
+  c.input.second_view = False
+  c.input.view_crop_scale = (0.6, 1.0)
+  c.input.view_flip_prob = 0.0
   # An unreadable image or an empty caption: "skip" (count it in data/skipped) or "fail".
   c.input.on_bad_example = "skip"
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.

@@ -43,7 +43,7 @@ from cots_jax import vq_trainer
 MODEL_FIELDS_KEEPING_SHAPES = (
     "dtype", "remat", "pool", "mvlm_global_src", "mvlm_global_stopgrad", "image.dropout",
     "image.init", "image.layer_norm_eps", "image.gelu", "text.dropout", "text.init",
-    "text.layer_norm_eps", "text.gelu")
+    "text.layer_norm_eps", "text.gelu", "wst_pool", "wst_dropout")
 # Fields outside config.model that shape the train state.
 STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
                       "temp.learnable")

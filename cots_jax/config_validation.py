@@ -13,6 +13,8 @@ CHOICES = {
     "model.mvlm_fusion": ("concat", "add", "none"),
     "model.mvlm_global_src": ("online", "momentum"),
     "model.pool": ("cls", "mean"),
+    "model.wst_pool": ("cls", "mean"),
+    "loss.cookie_intra_mode": ("views", "cross_model"),
     "model.text.gelu": ("exact", "tanh"),
     "model.image.gelu": ("exact", "tanh"),
     "vq.codebook_update": ("ema", "st"),
@@ -27,18 +29,21 @@ POSITIVE_INTS = (
     "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
     "model.image.image_size", "model.image.patch_size", "model.image.width", "model.image.depth",
     "model.image.heads", "model.text.vocab_size", "model.text.width", "model.text.depth",
-    "model.text.heads", "model.text.max_positions", "vq.codebook_size", "vq.code_dim", "vq.hidden",
+    "model.text.heads", "model.text.max_positions", "model.wst_layers", "vq.codebook_size", "vq.code_dim", "vq.hidden",
     "vq.batch_size", "queue.size", "input.batch_size", "input.max_len",
     "input.data.num_train_images", "input.data.num_eval_images", "eval.batch_size", "eval.chunk",
     "fsdp_min_size",
 )
 NON_NEGATIVE = (
     "eval_every", "checkpoint_every", "vq.steps", "loss.itc", "loss.mlm", "loss.mvm",
-    "loss.kl_align", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+    "loss.kl_align", "loss.cookie_cm", "loss.cookie_vv", "loss.cookie_tt", "model.wst_width",
+    "model.wst_heads", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
     "input.num_workers", "input.prefetch", "amf.warmup_steps",
 )
 UNIT_INTERVAL = ("loss.itc_alpha", "momentum.decay", "momentum.final_decay", "amf.beta",
-                 "input.mlm_prob", "input.mvm_prob", "input.flip_prob", "vq.ema_decay")
+                 "input.mlm_prob", "input.mvm_prob", "input.flip_prob", "input.view_flip_prob",
+                 "vq.ema_decay", "model.wst_dropout")
+OBJECTIVES = ("itc", "mlm", "mvm", "kl_align", "cookie_cm", "cookie_vv", "cookie_tt")
 # Fields a data source cannot do without.
 REQUIRED_DATA_FIELDS = {"captions_json": ("annotations", "images_dir"), "tfds": ("tfds_name",)}
 
@@ -91,6 +96,38 @@ def _validate_model(config):
           f"exceeds config.model.text.max_positions={config.model.text.max_positions}")
   if config.input.max_len < 3:
     _fail("input.max_len", config.input.max_len, "must leave room for [CLS], a token and [SEP]")
+  if config.model.use_wst:
+    width = config.model.wst_width or config.model.text.width
+    heads = config.model.wst_heads or config.model.text.heads
+    if width % heads:
+      _fail("model.wst_width", config.model.wst_width,
+            f"(0 = the text width) gives {width}, not divisible by {heads} WST heads")
+
+
+def _validate_cookie(config):
+  """COOKIE's terms against the model and the input they need (method §2.3)."""
+  loss = config.loss
+  if loss.cookie_text_temp <= 0:
+    _fail("loss.cookie_text_temp", loss.cookie_text_temp, "must be > 0")
+  if loss.cookie_use_queue and loss.cookie_cm > 0 and loss.itc > 0:
+    _fail("loss.cookie_use_queue", True, "makes loss.cookie_cm the queued ITC term, which "
+          "loss.itc already is: set one of loss.itc and loss.cookie_cm to 0")
+  if loss.cookie_use_queue and loss.cookie_cm > 0 and not config.queue.in_batch_negatives:
+    _fail("loss.cookie_use_queue", True, "needs config.queue.in_batch_negatives=True "
+          "(InfoNCE's negatives are the other pairs of the batch, then the queue)")
+  intra = loss.cookie_vv > 0 or loss.cookie_tt > 0
+  if intra and loss.cookie_intra_mode == "cross_model" and not config.model.use_wst:
+    _fail("loss.cookie_intra_mode", "cross_model", "compares the WST-level embeddings with the "
+          "towers' own: it needs config.model.use_wst=True")
+  if loss.cookie_intra_mode != "views":
+    return
+  if loss.cookie_vv > 0 and not config.input.second_view:
+    _fail("loss.cookie_vv", loss.cookie_vv, "in 'views' mode needs two views of each image: "
+          "set config.input.second_view=True")
+  dropout = max(config.model.text.dropout, config.model.wst_dropout if config.model.use_wst else 0)
+  if loss.cookie_tt > 0 and dropout <= 0:
+    _fail("loss.cookie_tt", loss.cookie_tt, "in 'views' mode contrasts two dropout passes of each "
+          "caption: set config.model.text.dropout (or model.wst_dropout with the WST) > 0")
 
 
 def _validate_training(config):
@@ -109,8 +146,9 @@ def _validate_training(config):
   if config.require_init_from and not config.init_from:
     _fail("init_from", config.init_from, "must name the workdir of a pre-trained run: this "
           "config fine-tunes one (--config.init_from=RUN)")
-  if sum(config.loss[k] for k in ("itc", "mlm", "mvm", "kl_align")) <= 0:
+  if sum(config.loss[k] for k in OBJECTIVES) <= 0:
     _fail("loss", dict(config.loss), "turns every objective off; give at least one a weight > 0")
+  _validate_cookie(config)
 
 
 def _validate_input(config):
@@ -118,9 +156,11 @@ def _validate_input(config):
   for field in REQUIRED_DATA_FIELDS.get(data.name, ()):
     if not data[field]:
       _fail(f"input.data.{field}", data[field], f"must be set for input.data.name={data.name!r}")
-  low, high = config.input.crop_scale
-  if not 0 < low <= high <= 1:
-    _fail("input.crop_scale", tuple(config.input.crop_scale), "must be (low, high), 0 < low <= high <= 1")
+  for field in ("crop_scale", "view_crop_scale"):
+    low, high = config.input[field]
+    if not 0 < low <= high <= 1:
+      _fail(f"input.{field}", tuple(config.input[field]),
+            "must be (low, high), 0 < low <= high <= 1")
 
 
 def amf_warmup_steps(config):

@@ -23,7 +23,6 @@ from cots_jax import pretrained
 from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import tokenizer as tokenizer_lib
-from cots_jax.evaluators import retrieval
 from cots_jax.models import cots as cots_model
 
 # The parameter tree of each encoder a user can pick.
@@ -115,17 +114,17 @@ class TrainedRun:
 
 
 def evaluate_checkpoint(config, workdir, step=None):
-  """Retrieval metrics of checkpoint `step` (None = latest) of WORKDIR on config's eval split.
+  """The metrics of every evaluator (train.make_evaluators) of checkpoint `step` (None = latest)
+  of WORKDIR on config's eval split.
 
   Returns:
-    ({"retrieval": {metric: value}, "retrieval_momentum": {...}}, the checkpoint's step).
+    ({"retrieval": {metric: value}, "retrieval_momentum": {...}, "image_instance": ..., ...},
+    the checkpoint's step).
   """
   config_validation.validate(config)
   run = TrainedRun.load(workdir, config, step)
-  evaluator = retrieval.RetrievalEvaluator(
-      "retrieval", pipeline.make_eval_split(config), ks=tuple(config.eval.ks),
-      chunk=config.eval.chunk)
-  flat = train.run_evals(evaluator, run.embed_fns, run.params)
+  evaluators = train.make_evaluators(config, pipeline.make_eval_split(config))
+  flat = train.run_evals(evaluators, run.embed_fns, run.params)
   results = {}
   for key, value in flat.items():
     _, name, metric = key.split("/")
@@ -134,9 +133,21 @@ def evaluate_checkpoint(config, workdir, step=None):
 
 
 def results_table(results, ks):
-  """A text table: one row per evaluator, columns R@k both ways, rsum and median ranks."""
-  columns = ([f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
-             + ["rsum", "i2t_medr", "t2i_medr"])
+  """Text tables: one row per evaluator; cross-modal ones (those with `i2t_r*`) with columns
+  R@k both ways, rsum and median ranks, then unimodal ones with R@k and the median rank."""
+  cross_modal = {name: m for name, m in results.items() if f"i2t_r{ks[0]}" in m}
+  unimodal = {name: m for name, m in results.items() if name not in cross_modal}
+  tables = []
+  if cross_modal:
+    tables.append(_table(cross_modal, [f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
+                         + ["rsum", "i2t_medr", "t2i_medr"]))
+  if unimodal:
+    tables.append(_table(unimodal, [f"r{k}" for k in ks] + ["medr"]))
+  return "\n\n".join(tables)
+
+
+def _table(results, columns):
+  """A text table of `results` ({row name: {column: value}}) with the given columns."""
   width = max(len(name) for name in results)
   lines = [" ".join([" " * width] + [f"{c:>9}" for c in columns])]
   for name, metrics in results.items():

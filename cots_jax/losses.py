@@ -1,4 +1,5 @@
-"""COTS losses as pure functions of logits and embeddings (method.md §1.3, §4 items 11-17).
+"""COTS and COOKIE losses as pure functions of logits and embeddings (method.md §1.3, §2.3,
+§4 items 11-18).
 
 Every loss returns a per-pair vector [B] (or, for the token losses, a scalar already weighted per
 pair) so that the adaptive momentum filter (AMF) weights apply to each pair (design.md §8.2).
@@ -106,6 +107,27 @@ def itc_loss(logits_i2t, logits_t2i, targets, momentum_logits_i2t=None,
   ce_i2t = soft_cross_entropy(logits_i2t, _distilled_targets(targets, momentum_logits_i2t, alpha))
   ce_t2i = soft_cross_entropy(logits_t2i, _distilled_targets(targets, momentum_logits_t2i, alpha))
   return 0.5 * (ce_i2t + ce_t2i)
+
+
+def info_nce(a, b, temp):
+  """Symmetric in-batch InfoNCE ½·[CE(a·bᵀ/τ, diag) + CE(b·aᵀ/τ, diag)] per pair (method §4.18).
+
+  COOKIE's three terms: cross-modal (a = image, b = text embeddings), image-image (two views),
+  text-text (two dropout passes), or WST-level against encoder-level embeddings ("cross_model").
+
+  Args:
+    a, b: [B, D] L2-normalised embeddings; row i of `a` and row i of `b` are the positive pair,
+      every other row of the batch a negative. Gradients flow into both.
+    temp: scalar temperature (may be traced).
+
+  Returns:
+    [B] float32 per-pair loss.
+  """
+  logits = a.astype(jnp.float32) @ b.astype(jnp.float32).T / temp
+  diagonal = jnp.diagonal(logits)
+  ce_ab = jax.nn.logsumexp(logits, axis=1) - diagonal
+  ce_ba = jax.nn.logsumexp(logits, axis=0) - diagonal
+  return 0.5 * (ce_ab + ce_ba)
 
 
 def _kl(log_target, log_pred, stopgrad_target):

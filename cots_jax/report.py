@@ -42,8 +42,10 @@ flags.mark_flags_as_required(["workdir"])
 REPORT_FILE = "report.html"
 PICTURES_DIR = "report"  # Under the workdir, next to report.html.
 TOP_K = 5
-LOSS_NAMES = ("train/loss", "train/itc", "train/kl_align", "train/mlm", "train/mvm")
-RECALL_PATTERN = re.compile(r"eval/(?P<evaluator>[^/]+)/(?:i2t|t2i)_r\d+")
+LOSS_NAMES = ("train/loss", "train/itc", "train/kl_align", "train/mlm", "train/mvm",
+              "train/cookie_cm", "train/cookie_vv", "train/cookie_tt")
+# Cross-modal R@K (i2t_r1, t2i_r5, ...) and unimodal R@K (r1, ...: text matching, image instance).
+RECALL_PATTERN = re.compile(r"eval/(?P<evaluator>[^/]+)/(?:i2t_|t2i_)?r\d+")
 FRAME_PX, GAP_PX, LABEL_PX, MIN_TILE_PX = 4, 6, 30, 96
 TRUE_COLOUR = (0, 170, 0)
 
@@ -92,7 +94,7 @@ def curve_panels(metrics):
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", evaluator)
     panels.append((f"R@K of eval/{evaluator} (%)", f"recall_{safe}.png", names))
   if not recalls:
-    notes.append("R@K: no eval/<evaluator>/<i2t|t2i>_r<k> in metrics.jsonl (no eval has run), "
+    notes.append("R@K: no eval/<evaluator>/[i2t_|t2i_]r<k> in metrics.jsonl (no eval has run), "
                  "panel left out.")
   return panels, notes
 

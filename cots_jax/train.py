@@ -181,12 +181,14 @@ def masked_patch_positions(mvm_mask, num_masked):
 
 
 def make_update_fn(config, model, optimizer):
-  """Returns `update(state, batch) -> (state, metrics)`, the whole COTS step (design §3).
+  """Returns `update(state, batch) -> (state, metrics)`, the whole COTS / COOKIE step (design §3).
 
-  Order inside a step (method §1.3, §4): EMA update of the momentum towers, clean online and
-  momentum forwards, ITC / KL logits against the queues, AMF weights from the momentum pair
-  similarity, masked forwards for MLM / MVM (targets from the frozen VQ on the same image),
-  gradient + AdamW, enqueue of the momentum keys.
+  Order inside a step (method §1.3, §2.3, §4): EMA update of the momentum towers, clean online
+  and momentum forwards, ITC / KL logits against the queues, AMF weights from the momentum pair
+  similarity, COOKIE's cross-modal and intra-modal InfoNCE terms (second image view, second
+  dropout pass, or the towers' own projections), masked forwards for MLM / MVM (targets from the
+  frozen VQ on the same image), gradient + AdamW, enqueue of the momentum keys. A term of weight
+  0 is not computed.
   """
   vq_model = vq_trainer.tokenizer_module(config)
   image_cfg = config.model.image
@@ -196,7 +198,9 @@ def make_update_fn(config, model, optimizer):
   weights = config.loss
   schedule = learning_rate_schedule(config)
 
-  dropout = config.model.image.dropout > 0 or config.model.text.dropout > 0
+  model_cfg = config.model
+  dropout = (model_cfg.image.dropout > 0 or model_cfg.text.dropout > 0
+             or (model_cfg.use_wst and model_cfg.wst_dropout > 0))
 
   def apply(params, method, *args, rng=None):
     """A model method; tower passes given an `rng` run in train mode (dropout) when configured."""
@@ -213,10 +217,26 @@ def make_update_fn(config, model, optimizer):
                           rng=rng_text)
     return v, t, img_global, txt_global
 
+  def intra_modal_positives(params, batch, img_global, txt_global, rng):
+    """COOKIE's intra-modal positives of the online v, t [B, E] (method §2.3) -> ([B, E], [B, E]):
+    "views": the embedding of the second image view and a second dropout pass of each caption;
+    "cross_model": the towers' own projections of their global vectors. Only what the weighted
+    terms use is computed (the other is None)."""
+    if config.loss.cookie_intra_mode == "cross_model":
+      return apply(params, model.encoder_embeddings, img_global, txt_global)
+    rng_view, rng_text = jax.random.split(rng)
+    image_pos = text_pos = None
+    if weights.cookie_vv > 0:
+      image_pos = apply(params, model.image_embedding, batch["image_view"], rng=rng_view)[0]
+    if weights.cookie_tt > 0:
+      text_pos = apply(params, model.text_embedding, batch["text_ids"], batch["text_mask"],
+                       rng=rng_text)[0]
+    return image_pos, text_pos
+
   def loss_fn(params, params_ema, state, batch, rng):
     temp = (losses.clamp_temperature(params["temp"], config.temp.min, config.temp.max)
             if config.temp.learnable else jnp.float32(config.temp.init))
-    rng_clean, rng_mlm, rng_mvm = jax.random.split(rng, 3)
+    rng_clean, rng_mlm, rng_mvm, rng_intra = jax.random.split(rng, 4)
     v, t, img_global, txt_global = encode(params, batch, rng_clean)
     v_m, t_m, img_global_m, txt_global_m = jax.tree.map(jax.lax.stop_gradient,
                                                         encode(params_ema, batch))
@@ -232,7 +252,8 @@ def make_update_fn(config, model, optimizer):
     logits_i2t = losses.contrastive_logits(v, t_m, queue["txt"], queue["valid"], temp, in_batch)
     logits_t2i = losses.contrastive_logits(t, v_m, queue["img"], queue["valid"], temp, in_batch)
     terms = {}
-    if weights.itc > 0:
+    queued_cm = weights.cookie_cm > 0 and config.loss.cookie_use_queue
+    if weights.itc > 0 or queued_cm:
       targets = losses.itc_targets(batch["image_id"], queue["idx"], queue["valid"], in_batch,
                                    config.queue.multi_positive)
       momentum_logits = {}
@@ -242,9 +263,20 @@ def make_update_fn(config, model, optimizer):
                 v_m, t_m, queue["txt"], queue["valid"], temp, in_batch),
             momentum_logits_t2i=losses.contrastive_logits(
                 t_m, v_m, queue["img"], queue["valid"], temp, in_batch))
-      per_pair = losses.itc_loss(logits_i2t, logits_t2i, targets, alpha=weights.itc_alpha,
-                                 **momentum_logits)
-      terms["itc"] = losses.weighted_mean(per_pair, pair_w)
+      itc_per_pair = losses.itc_loss(logits_i2t, logits_t2i, targets, alpha=weights.itc_alpha,
+                                     **momentum_logits)
+      terms["cookie_cm" if queued_cm else "itc"] = losses.weighted_mean(itc_per_pair, pair_w)
+    if weights.cookie_cm > 0 and not queued_cm:
+      terms["cookie_cm"] = losses.weighted_mean(losses.info_nce(v, t, temp), pair_w)
+    if weights.cookie_vv > 0 or weights.cookie_tt > 0:
+      image_pos, text_pos = intra_modal_positives(params, batch, img_global, txt_global,
+                                                  rng_intra)
+      if weights.cookie_vv > 0:
+        terms["cookie_vv"] = losses.weighted_mean(losses.info_nce(v, image_pos, temp), pair_w)
+      if weights.cookie_tt > 0:
+        text_temp = (temp if config.loss.cookie_intra_mode == "cross_model"
+                     else weights.cookie_text_temp)
+        terms["cookie_tt"] = losses.weighted_mean(losses.info_nce(t, text_pos, text_temp), pair_w)
     if weights.kl_align > 0:
       per_pair = losses.kl_alignment(logits_i2t, logits_t2i, config.kl.direction,
                                      config.kl.stopgrad_target)
@@ -357,35 +389,67 @@ def make_embed_fns(model, mesh):
   return embed_images, embed_texts
 
 
-EVALUATED_PARAMS = (("retrieval", "params"), ("retrieval_momentum", "params_ema"))
+# The name suffix of each encoder's results: eval/<evaluator><suffix>/<metric>.
+ENCODER_SUFFIXES = (("", "params"), ("_momentum", "params_ema"))
 
 
-def run_evals(evaluator, embed_fns, state):
-  """Retrieval metrics of the online (`retrieval`) and momentum (`retrieval_momentum`) encoders,
-  as `{"eval/<name>/<metric>": value}`.
+def make_evaluators(config, split):
+  """Every run's evaluators as {name: run(embed_image_fn, embed_text_fn) -> metric dict}:
+  image-text retrieval (design §4.1) and COOKIE's unimodal tasks (method §2.1), image instance
+  retrieval and text matching; text matching is left out, with a warning, when no eval image
+  has two captions.
 
   Args:
-    evaluator: a `RetrievalEvaluator`.
+    config: the run's ConfigDict (`eval.ks`, `eval.chunk`).
+    split: the `EvalSplit`.
+  """
+  common = dict(ks=tuple(config.eval.ks), chunk=config.eval.chunk)
+  cross_modal = retrieval.RetrievalEvaluator("retrieval", split, **common)
+  instance = retrieval.ImageInstanceEvaluator("image_instance", split, **common)
+  evaluators = {"retrieval": cross_modal.run,
+                "image_instance": lambda embed_image_fn, _: instance.run(embed_image_fn)}
+  try:
+    matching = retrieval.TextMatchingEvaluator("text_matching", split, **common)
+    evaluators["text_matching"] = lambda _, embed_text_fn: matching.run(embed_text_fn)
+  except ValueError as error:
+    logging.warning("%s: text matching is not evaluated", error)
+  return evaluators
+
+
+def run_evals(evaluators, embed_fns, state):
+  """The metrics of every evaluator for the online and the momentum encoder, as
+  `{"eval/<name><suffix>/<metric>": value}` (suffixes: ENCODER_SUFFIXES).
+
+  Args:
+    evaluators: from `make_evaluators`.
     embed_fns: from `make_embed_fns`.
     state: a dict with the "params" and "params_ema" trees (the train state, or a restore).
   """
   embed_images, embed_texts = embed_fns
   results = {}
-  for name, key in EVALUATED_PARAMS:
+  for suffix, key in ENCODER_SUFFIXES:
     params = state[key]
-    metrics = evaluator.run(
-        lambda b, p=params: embed_images(p, b["image"]),
-        lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"]))
-    results.update({f"eval/{name}/{metric}": value for metric, value in metrics.items()})
+    image_fn = lambda b, p=params: embed_images(p, b["image"])  # noqa: E731
+    text_fn = lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"])  # noqa: E731
+    for name, run in evaluators.items():
+      metrics = run(image_fn, text_fn)
+      results.update({f"eval/{name}{suffix}/{metric}": value for metric, value in metrics.items()})
   return results
 
 
 def _eval_summary(results):
+  """One line: R@1/5/10 of every evaluator in `results`, both ways for cross-modal ones."""
+  grouped = {}
+  for key, value in results.items():
+    _, name, metric = key.split("/")
+    grouped.setdefault(name, {})[metric] = value
   parts = []
-  for name, _ in EVALUATED_PARAMS:
-    r = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"eval/{name}/")}
-    parts.append(f"{name}: i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
-                 f"t2i R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
+  for name, r in grouped.items():
+    if "i2t_r1" in r:
+      parts.append(f"{name}: i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
+                   f"t2i R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
+    else:
+      parts.append(f"{name}: R@1/5/10 {r['r1']:.1f}/{r['r5']:.1f}/{r['r10']:.1f}")
   return "; ".join(parts)
 
 
@@ -393,7 +457,7 @@ def _eval_summary(results):
 
 
 def train_and_evaluate(config, workdir):
-  """Trains COTS as `config` says, writing logs, metrics and checkpoints to `workdir`.
+  """Trains COTS (or COOKIE) as `config` says, writing logs, metrics and checkpoints to `workdir`.
 
   Resumes from WORKDIR's latest checkpoint when there is one. On SIGTERM it saves a checkpoint
   at the current step and returns {} (cots_jax/checkpoint.py); a SIGTERM that arrives while the
@@ -433,7 +497,7 @@ def _train_and_evaluate(config, workdir, preemption):
   abstract = abstract_state(config, model, optimizer, vq_variables, mesh)
   state_shardings = state_shardings_of(abstract)
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
-  logging.info("COTS model: %.2fM parameters (online towers + heads)", num_params / 1e6)
+  logging.info("model: %.2fM parameters (online towers + heads)", num_params / 1e6)
 
   # --- update step
   update = jit_update(config, model, optimizer, mesh, state_shardings)
@@ -451,8 +515,7 @@ def _train_and_evaluate(config, workdir, preemption):
       state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
 
   # --- evals
-  evaluator = retrieval.RetrievalEvaluator("retrieval", eval_split, ks=tuple(config.eval.ks),
-                                           chunk=config.eval.chunk)
+  evaluators = make_evaluators(config, eval_split)
   embed_fns = make_embed_fns(model, mesh)
 
   # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
@@ -497,7 +560,7 @@ def _train_and_evaluate(config, workdir, preemption):
       preempted = not is_last and preemption.requested(step)
       if not preempted and (is_last or (config.eval_every and step % config.eval_every == 0)):
         eval_start = time.perf_counter()
-        results = run_evals(evaluator, embed_fns, state)
+        results = run_evals(evaluators, embed_fns, state)
         writer.write(step, results)
         logging.info("step %d eval: %s", step, _eval_summary(results))
         progress.write(f"step {step}: {_eval_summary(results)}")

@@ -1,6 +1,7 @@
-"""Shared by the tests that start `cots_jax.main` or multi-device children: the tiny run config
-and the child processes' environment."""
+"""Shared by the tests: the tiny run config, a built update step, and the environment of the
+children that start `cots_jax.main` or use several (fake) devices."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -10,6 +11,10 @@ import jax
 import pytest
 
 from configs import pretrain
+from cots_jax import train
+from cots_jax import vq_trainer
+from cots_jax.data import pipeline
+from cots_jax.models import cots as cots_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `configs/pretrain.py:runlocal` shrunk to compile in seconds (set as --config.<name>=<value>).
@@ -29,6 +34,19 @@ def tiny_config(config=None, **overrides):
   config = config or pretrain.get_config("runlocal")
   config.update_from_flattened_dict({**TINY, **overrides})
   return config
+
+
+def build(config):
+  """(state, update fn before jit, first 3 training batches) for `config`, with a random VQ
+  tokenizer."""
+  model = cots_model.CotsModel.from_config(config)
+  optimizer = train.make_optimizer(config)
+  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
+  state = jax.jit(functools.partial(train.init_state, config, model, optimizer))(
+      vq_variables, jax.random.PRNGKey(0))
+  iterator = pipeline.make_train_iterator(config)
+  batches = [next(iterator) for _ in range(3)]
+  return state, train.make_update_fn(config, model, optimizer), batches
 
 
 def tiny_flags(**overrides):

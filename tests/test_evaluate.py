@@ -53,8 +53,11 @@ def test_eval_in_uneven_batches_equals_one_unbatched_pass(trained_run):
   """20 images and 100 captions in batches of 7: the padded tail adds nothing and loses nothing."""
   config = tiny_config(**RUN_OVERRIDES, **{"eval.batch_size": 7})
   results, step = inference.evaluate_checkpoint(config, trained_run)
-  assert step == 12 and set(results) == {"retrieval", "retrieval_momentum"}
-  for name, key in train.EVALUATED_PARAMS:
+  assert step == 12 and set(results) == {f"{name}{suffix}" for suffix, _ in train.ENCODER_SUFFIXES
+                                         for name in ("retrieval", "text_matching",
+                                                      "image_instance")}
+  for suffix, key in train.ENCODER_SUFFIXES:
+    name = f"retrieval{suffix}"
     want = unbatched_metrics(config, trained_run, 12, key)
     assert results[name].keys() == want.keys()
     np.testing.assert_allclose([results[name][k] for k in want], list(want.values()), rtol=1e-6,
@@ -107,6 +110,15 @@ def test_results_table_has_one_row_per_evaluator_and_every_column():
                             "t2i_medr"]
   assert [row.split()[0] for row in rows] == ["retrieval", "retrieval_momentum"]
   assert rows[0].split()[1:] == ["1.00", "5.00", "1.00", "5.00", "12.00", "3.50", "2.00"]
+  unimodal = {"r1": 10.0, "r5": 50.0, "medr": 4.5}
+  table = inference.results_table({"retrieval": metrics, "text_matching": unimodal,
+                                   "image_instance": unimodal}, (1, 5))
+  cross_modal, unimodal_table = table.split("\n\n")
+  assert [row.split()[0] for row in cross_modal.splitlines()[1:]] == ["retrieval"]
+  header, *rows = unimodal_table.splitlines()
+  assert header.split() == ["r1", "r5", "medr"]
+  assert [row.split() for row in rows] == [["text_matching", "10.00", "50.00", "4.50"],
+                                           ["image_instance", "10.00", "50.00", "4.50"]]
 
 
 def test_evaluate_command_writes_the_final_eval_of_the_run(trained_run, tmp_path):

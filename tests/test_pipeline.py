@@ -12,6 +12,7 @@ from cots_jax.data import masking
 from cots_jax.data import pipeline
 from cots_jax.data import synthetic
 from cots_jax.data import tokenizer as tokenizer_lib
+from cots_jax.data import transforms
 
 NUM_IMAGES, BATCH = 16, 8
 EXAMPLES = NUM_IMAGES * 5
@@ -196,6 +197,47 @@ def test_get_state_set_state_resumes_exactly():
   _assert_same(expected, _take(resumed, 2))
 
 
+def test_second_view_is_another_crop_of_the_same_image_and_changes_nothing_else():
+  plain = _take(pipeline.make_train_iterator(_config()), 2)
+  assert "image_view" not in plain[0]
+  config = _config(second_view=True)
+  with_view = _take(pipeline.make_train_iterator(config), 2)
+  for p, v in zip(plain, with_view):
+    assert v.keys() == p.keys() | {"image_view"}
+    _assert_same([p], [{k: x for k, x in v.items() if k != "image_view"}])
+    assert v["image_view"].shape == v["image"].shape and v["image_view"].dtype == np.float32
+    assert v["image_view"].min() >= -1 and v["image_view"].max() <= 1
+    for image, view in zip(v["image"], v["image_view"]):
+      assert not np.array_equal(image, view)
+  _assert_same(with_view, _take(pipeline.make_train_iterator(config), 2))
+  other_seed = _config(second_view=True)
+  other_seed.seed = 1
+  assert not np.array_equal(with_view[0]["image_view"],
+                            _take(pipeline.make_train_iterator(other_seed), 1)[0]["image_view"])
+
+
+def test_second_view_crop_and_flip_follow_the_config():
+  """A crop of the whole area is the (already full-size) synthetic image itself; flip 1 mirrors
+  it left-right."""
+  whole = _take(pipeline.make_train_iterator(
+      _config(second_view=True, view_crop_scale=(1.0, 1.0))), 1)[0]
+  np.testing.assert_array_equal(whole["image_view"], whole["image"])
+  mirrored = _take(pipeline.make_train_iterator(
+      _config(second_view=True, view_crop_scale=(1.0, 1.0), view_flip_prob=1.0)), 1)[0]
+  np.testing.assert_array_equal(mirrored["image_view"], whole["image"][:, :, ::-1])
+
+
+def test_second_view_resumes_exactly():
+  config = _config(second_view=True)
+  iterator = pipeline.make_train_iterator(config)
+  _take(iterator, 2)
+  state = iterator.get_state()
+  expected = _take(iterator, 2)
+  resumed = pipeline.make_train_iterator(config)
+  resumed.set_state(state)
+  _assert_same(expected, _take(resumed, 2))
+
+
 def test_worker_processes_give_the_same_stream():
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (stack-notes §2)
@@ -279,3 +321,29 @@ def test_eval_batch_size_defaults_to_the_eval_config():
   batches = list(pipeline.make_eval_split(config).image_batches())
   assert [b["image"].shape[0] for b in batches] == [8, 8]
   assert [int(b["valid"].sum()) for b in batches] == [8, 4]
+
+
+def test_eval_view_batches_crop_each_image_with_its_own_seeded_generator():
+  config = _config(view_crop_scale=(0.5, 0.9), view_flip_prob=0.5)
+  split = pipeline.make_eval_split(config, batch_size=5)
+  source = synthetic.SyntheticCaptions(12, "eval", config.seed, 48)
+  batches = list(split.view_batches(seed=3))
+  assert [b["valid"].tolist() for b in batches] == [[True] * 5] * 2 + [[True] * 2 + [False] * 3]
+  for b in batches:
+    assert b["image"].shape == (5, 48, 48, 3) and b["image"].dtype == np.float32
+  views = np.concatenate([b["image"][b["valid"]] for b in batches])
+  expected = [transforms.random_resized_crop(source[i]["image"], np.random.default_rng((3, i)),
+                                             48, scale=(0.5, 0.9), flip_prob=0.5)
+              for i in range(12)]
+  np.testing.assert_allclose(views, np.stack(expected) / 127.5 - 1, atol=1e-6)
+  again = np.concatenate([b["image"][b["valid"]] for b in split.view_batches(seed=3)])
+  np.testing.assert_array_equal(again, views)
+  other = np.concatenate([b["image"][b["valid"]] for b in split.view_batches(seed=4)])
+  assert all(not np.array_equal(a, b) for a, b in zip(other, views))
+
+
+def test_eval_views_of_the_whole_area_without_flip_are_the_images():
+  split = pipeline.make_eval_split(_config(view_crop_scale=(1.0, 1.0)), batch_size=5)
+  for view, image in zip(split.view_batches(seed=0), split.image_batches(), strict=True):
+    np.testing.assert_array_equal(view["image"], image["image"])
+    np.testing.assert_array_equal(view["valid"], image["valid"])

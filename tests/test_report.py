@@ -70,6 +70,21 @@ def test_curve_panels_leave_absent_metrics_out_with_a_note():
   assert [note.split(":")[0] for note in notes] == ["Temperature", "AMF kept fraction", "R@K"]
 
 
+def test_curve_panels_draw_cookie_losses_and_unimodal_recalls():
+  one = (np.array([3]), np.array([1.0]))
+  names = ["train/loss", "train/cookie_cm", "train/cookie_vv", "train/cookie_tt",
+           "eval/retrieval/i2t_r1", "eval/retrieval/rsum", "eval/text_matching/r1",
+           "eval/text_matching/r10", "eval/text_matching/medr", "eval/image_instance/r5"]
+  panels, _ = report.curve_panels({name: one for name in names})
+  assert panels[0] == ("Losses", "losses.png", names[:4])
+  assert panels[1:] == [
+      ("R@K of eval/retrieval (%)", "recall_retrieval.png", ["eval/retrieval/i2t_r1"]),
+      ("R@K of eval/text_matching (%)", "recall_text_matching.png",
+       ["eval/text_matching/r1", "eval/text_matching/r10"]),
+      ("R@K of eval/image_instance (%)", "recall_image_instance.png",
+       ["eval/image_instance/r5"])]
+
+
 def test_to_uint8_inverts_to_unit_range_and_clips():
   every = np.arange(256, dtype=np.uint8).reshape(1, -1, 1).repeat(3, axis=2)
   np.testing.assert_array_equal(report.to_uint8(transforms.to_unit_range(every)), every)

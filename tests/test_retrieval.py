@@ -345,3 +345,132 @@ def test_top_k_chunked_caps_k_at_the_gallery_and_puts_nan_last():
 def test_top_k_chunked_bad_inputs(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+# ------------------------------------------------------------------- group_retrieval_metrics
+
+
+def reference_group_ranks(sim, query_groups, gallery_groups, exclude_self):
+  """1-based ranks by sorting each query's candidates (no NaN), ties against the query.
+
+  The relevant items (same group, not the query itself with exclude_self) are replaced by their
+  best score, sorted after any competitor of equal score; the query itself is no candidate.
+  Queries with no relevant item get no rank.
+  """
+  ranks = []
+  for q, group in enumerate(query_groups):
+    others = [g for g in range(len(gallery_groups)) if not (exclude_self and g == q)]
+    relevant = [g for g in others if gallery_groups[g] == group]
+    if not relevant:
+      continue
+    best = max(sim[q, g] for g in relevant)
+    candidates = [(sim[q, g], False) for g in others if gallery_groups[g] != group]
+    order = sorted(candidates + [(best, True)], key=lambda c: (-c[0], c[1]))
+    ranks.append(1 + order.index((best, True)))
+  return np.array(ranks)
+
+
+def reference_group_metrics(sim, query_groups, gallery_groups, ks, exclude_self=False):
+  ranks = reference_group_ranks(np.asarray(sim, np.float64), list(query_groups),
+                                list(gallery_groups), exclude_self)
+  metrics = {f"r{k}": 100.0 * sum(r <= k for r in ranks) / len(ranks) for k in ks}
+  metrics["medr"] = float(np.median(ranks))
+  return metrics
+
+
+def test_group_metrics_hand_made_text_matching():
+  # Captions 0, 1, 2 of image A, 3, 4 of image B, 5 alone (no hit to find: left out).
+  emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.8], [0.0, 1.0], [1.0, 0.0]])
+  groups = np.array([7, 7, 7, 3, 3, 9])
+  # 0: best own 0.9 (caption 1), caption 5 scores 1.0 -> rank 2.  1: best own 0.9 (caption 0),
+  # caption 5 ties it (ahead) -> 2.  2: best own 0.1 (caption 1), captions 3 (0.8) and 4 (1.0)
+  # ahead -> 3.  3: own 0.8 (caption 4), caption 2 ties it -> 2.  4: own 0.8 (caption 3),
+  # caption 2 scores 1.0 -> 2.
+  got = retrieval.group_retrieval_metrics(emb, emb, groups, groups, ks=(1, 2), exclude_self=True)
+  assert got == {"r1": 0.0, "r2": 80.0, "medr": 2.0}
+  assert got == pytest.approx(reference_group_metrics(emb @ emb.T, groups, groups, (1, 2), True))
+  # Without exclude_self each query is one of its own relevant items, and caption 5 counts too.
+  assert retrieval.group_retrieval_metrics(emb, emb, groups, groups, ks=(1, 2)) == pytest.approx(
+      reference_group_metrics(emb @ emb.T, groups, groups, (1, 2)))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_group_metrics_match_reference_with_ties_and_every_chunk(seed, exclude_self):
+  rng = np.random.default_rng(seed)
+  n = 23
+  emb = rng.integers(-1, 2, (n, 3)).astype(np.float32)  # many exact ties
+  gallery = rng.integers(-1, 2, (n, 3)).astype(np.float32)
+  groups = rng.integers(0, 9, n)  # groups of one, two and more
+  gallery_groups = rng.integers(0, 9, n)
+  assert (np.bincount(groups) == 1).any()
+  for query_emb, gallery_emb, gallery_g in ((emb, emb, groups), (emb, gallery, gallery_groups)):
+    want = reference_group_metrics(query_emb @ gallery_emb.T, groups, gallery_g, (1, 5, 10),
+                                   exclude_self)
+    results = [retrieval.group_retrieval_metrics(query_emb, gallery_emb, groups, gallery_g,
+                                                 chunk=chunk, exclude_self=exclude_self)
+               for chunk in (1, 3, 1000)]
+    assert results[0] == results[1] == results[2]
+    assert list(results[0]) == ["r1", "r5", "r10", "medr"]
+    for key, value in want.items():
+      assert type(results[0][key]) is float and results[0][key] == pytest.approx(value), key
+
+
+def test_group_metrics_all_equal_scores_give_the_worst_rank():
+  groups = np.repeat(np.arange(10), 2)
+  emb = np.ones((20, 4))
+  got = retrieval.group_retrieval_metrics(emb, emb, groups, groups, exclude_self=True, chunk=3)
+  # Behind all 18 captions of the other images.
+  assert got == {"r1": 0.0, "r5": 0.0, "r10": 0.0, "medr": 19.0}
+
+
+def test_group_metrics_leave_out_queries_without_a_relevant_item():
+  rng = np.random.default_rng(5)
+  emb = rng.normal(size=(8, 4))
+  groups = np.array([0, 0, 1, 1, 1, 2, 3, 4])  # queries 5, 6, 7 alone in their group
+  got = retrieval.group_retrieval_metrics(emb, emb, groups, groups, ks=(1, 2), exclude_self=True)
+  kept = reference_group_ranks(emb @ emb.T, groups, groups, exclude_self=True)
+  assert len(kept) == 5
+  assert got == pytest.approx({"r1": 100.0 * np.mean(kept <= 1), "r2": 100.0 * np.mean(kept <= 2),
+                               "medr": float(np.median(kept))})
+
+
+def test_group_metrics_with_image_and_text_groups_are_the_cross_modal_directions():
+  rng = np.random.default_rng(6)
+  img, txt = rng.normal(size=(9, 5)), rng.normal(size=(20, 5))
+  txt2img = rng.integers(0, 9, 20)
+  cross = retrieval.retrieval_metrics_chunked(img, txt, txt2img, chunk=4)
+  i2t = retrieval.group_retrieval_metrics(img, txt, np.arange(9), txt2img, chunk=4)
+  t2i = retrieval.group_retrieval_metrics(txt, img, txt2img, np.arange(9), chunk=4)
+  for name, direction in (("i2t", i2t), ("t2i", t2i)):
+    assert {key: cross[f"{name}_{key}"] for key in direction} == direction
+
+
+def test_group_metrics_nan_scores_never_rank_first():
+  query = np.array([[1.0, 0.0], [np.nan, 0.0]])
+  gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+  # Query 0 (group 0): its relevant item scores 1.0, first. Query 1: every score is NaN.
+  got = retrieval.group_retrieval_metrics(query, gallery, [0, 0], [0, 1, 2], ks=(1,))
+  assert got == {"r1": 50.0, "medr": 2.0}
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((4, 2)), [0, 1],
+                                               [0, 1, 2, 3]), "query_emb and gallery_emb"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((4, 3)), [0, 1, 2],
+                                               [0, 1, 2, 3]), r"query_groups must be \[2\]"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((4, 3)), [0, 1],
+                                               [0.0, 1.0, 2.0, 3.0]), "gallery_groups.*integer"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((4, 3)), [0, 1],
+                                               [0, 1, 2, 3], exclude_self=True),
+     "exclude_self needs"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((2, 3)), [0, 1],
+                                               [0, 1], exclude_self=True), "no query has"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((2, 3)), [0, 1],
+                                               [0, 1], ks=(0,)), "ks must be"),
+    (lambda: retrieval.group_retrieval_metrics(np.ones((2, 3)), np.ones((2, 3)), [0, 1],
+                                               [0, 1], chunk=0), "chunk must be"),
+])
+def test_group_metrics_bad_inputs(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

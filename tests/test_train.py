@@ -1,6 +1,5 @@
 """The update step (design §3) and the trainer end to end (`:runlocal` through `cots_jax.main`)."""
 
-import functools
 import json
 import os
 import subprocess
@@ -14,11 +13,9 @@ import pytest
 
 from configs import common
 from cots_jax import train
-from cots_jax import vq_trainer
-from cots_jax.data import pipeline
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import subprocess_env, tiny_flags
+from support import build, subprocess_env, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL_STEPS = 200
@@ -38,17 +35,6 @@ def tiny_config(**loss_weights):
   config.total_steps, config.optim.warmup_steps = 10, 2
   config.loss.update(loss_weights)
   return config
-
-
-def build(config):
-  """(state, update fn before jit, first 3 batches) for `config`."""
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  state = jax.jit(functools.partial(train.init_state, config, model, optimizer))(
-      vq_variables, jax.random.PRNGKey(0))
-  batches = [next(iterator) for iterator in [pipeline.make_train_iterator(config)] for _ in range(3)]
-  return state, train.make_update_fn(config, model, optimizer), batches
 
 
 @pytest.fixture(scope="module")

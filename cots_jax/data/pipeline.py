@@ -91,6 +91,14 @@ class ImageTransform:
     inp = config.input
     return cls(config.model.image.image_size, inp.augment, tuple(inp.crop_scale), inp.flip_prob)
 
+  @classmethod
+  def for_views(cls, config):
+    """The second-view augmentation (input.view_crop_scale, input.view_flip_prob): the train
+    pairs' `image_view` and the eval split's `view_batches`."""
+    inp = config.input
+    return cls(config.model.image.image_size, "crop_flip", tuple(inp.view_crop_scale),
+               inp.view_flip_prob)
+
   def pixels(self, image, name, rng=None):
     """-> uint8 [size, size, 3]; raises BadExampleError(name, reason) when `image` does not
     decode. `rng` (np.random.Generator) is needed by "crop_flip" only."""
@@ -130,10 +138,11 @@ def _bad(error, on_bad_example):
 @dataclasses.dataclass(frozen=True)
 class _MakePair:
   """(example index, rng) -> one training pair with its masks (design §4.3 names and shapes),
-  or a bad-example marker."""
+  plus `image_view` when `view_transform` is set, or a bad-example marker."""
   source: Any
   pairs: np.ndarray
   image_transform: ImageTransform
+  view_transform: ImageTransform | None
   tokenizer: Any
   special_ids: tuple[int, ...]
   max_len: int
@@ -150,7 +159,8 @@ class _MakePair:
     try:
       item = self.source[int(image_index)]
       caption = _pick_caption(item, caption_index, rng)
-      image = self.image_transform(item["image"], item["name"], rng)
+      pixels = transforms.decode_image(item["image"], item["name"])
+      image = self.image_transform(pixels, item["name"], rng)
     except transforms.BadExampleError as error:
       return _bad(error, self.on_bad_example)
     ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
@@ -158,8 +168,12 @@ class _MakePair:
                            len(self.tokenizer), self.special_ids, self.tokenizer.mask_token_id)
     mvm = masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches, self.mvm_mode,
                            self.mvm_min_block)
-    return {"image": image, "text_ids": ids[0], "text_mask": mask[0],
+    pair = {"image": image, "text_ids": ids[0], "text_mask": mask[0],
             "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
+    if self.view_transform is not None:
+      # Drawn last, so turning the view on leaves every other field of the pair as it was.
+      pair["image_view"] = self.view_transform(pixels, item["name"], rng)
+    return pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +260,11 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   [-1, 1]; text_ids, text_mask, mlm_ids int32 [B, L]; image_id int32 [B]; mlm_positions,
   mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N]; skipped int32 [B]
   (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
-  N = patches per image.
+  N = patches per image. With input.second_view, also image_view float32 [B, H, W, 3] in
+  [-1, 1]: a second view of the same decoded image, random-resized crop (area fraction in
+  input.view_crop_scale) + flip (input.view_flip_prob), drawn with the pair's own rng after
+  everything else, so it is as deterministic and resumable as the rest and leaves the other
+  fields unchanged.
   """
   batch_size = config.input.batch_size
   if not 0 <= process_index < process_count or batch_size % process_count:
@@ -259,6 +277,7 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   inp = config.input
   make_pair = _MakePair(
       source=source, pairs=pairs, image_transform=ImageTransform.for_training(config),
+      view_transform=ImageTransform.for_views(config) if inp.second_view else None,
       tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
       max_len=inp.max_len, mlm_prob=inp.mlm_prob,
       max_predictions=masking.num_mlm_predictions(inp.mlm_prob, inp.max_len),
@@ -307,6 +326,8 @@ class EvalSplit:
   The images are decoded once, resized + centre-cropped, and kept as uint8 (1000 images at
   224 px: 150 MB). An image that does not decode and a blank caption are left out of the
   gallery (or stop the run when `on_bad_example` is "fail"); `num_skipped` counts them.
+  `view_transform` (an ImageTransform) makes the augmented views of `view_batches` from those
+  kept images.
 
   Attributes:
     num_images, num_texts: gallery sizes.
@@ -316,8 +337,9 @@ class EvalSplit:
   """
 
   def __init__(self, source, tokenizer, max_len, batch_size, image_size,
-               on_bad_example="skip"):
+               on_bad_example="skip", *, view_transform):
     self._batch_size = batch_size
+    self._view_transform = view_transform
     transform = ImageTransform(image_size)
     log = BadExampleLog("eval split")
     images, self.captions, txt2img = [], [], []
@@ -349,6 +371,17 @@ class EvalSplit:
     return _padded_batches(self.num_images, self._batch_size,
                            lambda i: {"image": transforms.to_unit_range(self._images[i])})
 
+  def view_batches(self, seed):
+    """Yields {"image": float32 [b, H, W, 3] in [-1, 1], "valid": bool [b]}: an augmented view
+    of every image, in the order of `image_batches`. Image i is drawn with the generator
+    np.random.default_rng((seed, i)), so a seed fixes the views and two seeds differ."""
+    def views(indices):
+      return {"image": np.stack([
+          self._view_transform(self._images[i], f"eval image {i}",
+                               np.random.default_rng((seed, i)))
+          for i in indices.tolist()])}
+    return _padded_batches(self.num_images, self._batch_size, views)
+
   def text_batches(self):
     """Yields {"text_ids": int32 [b, L], "text_mask": int32 [b, L], "valid": bool [b]}."""
     return _padded_batches(
@@ -357,8 +390,9 @@ class EvalSplit:
 
 
 def make_eval_split(config, batch_size=None):
-  """The eval split of config.input.data in batches of `batch_size` (default eval.batch_size)."""
+  """The eval split of config.input.data in batches of `batch_size` (default eval.batch_size),
+  its views made by `ImageTransform.for_views(config)`."""
   return EvalSplit(make_source(config, "eval"),
                    tokenizer_lib.load_tokenizer(config.input.tokenizer), config.input.max_len,
                    batch_size or config.eval.batch_size, config.model.image.image_size,
-                   config.input.on_bad_example)
+                   config.input.on_bad_example, view_transform=ImageTransform.for_views(config))

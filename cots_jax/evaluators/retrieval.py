@@ -1,14 +1,20 @@
-"""Image-text retrieval metrics (design §4.1) and the evaluator that embeds a split and scores it.
+"""Retrieval metrics (design §4.1) and the evaluators that embed a split and score it.
 
-Ranks are 1-based and ties are broken against the query: a candidate whose score equals the
-ground truth's ranks ahead of it, so a collapsed model (all scores equal) gets the worst rank.
-A NaN score counts as ahead of the ground truth too (a NaN model is never rewarded).
+One ranking rule serves every query / gallery pair (`group_retrieval_metrics`): a gallery item is
+relevant to a query when both carry the same group label, and a query's rank is 1 + the number
+of non-relevant gallery items whose score is >= its best relevant score. Ranks are 1-based and
+ties are broken against the query: a candidate whose score equals the best relevant one ranks
+ahead of it, so a collapsed model (all scores equal) gets the worst rank. A NaN score counts as
+ahead of the relevant one too (a NaN model is never rewarded). Queries with no relevant item are
+left out of the numbers (they stay gallery items).
 
-Image-to-text: an image's rank is that of its best ground-truth text among the texts that are not
-its own; images with no text are left out of the image-to-text numbers (they stay text-to-image
-candidates). Text-to-image: a text's rank is that of its image among all images.
+Image-to-text is that rule with the image index as the image's group and `txt2img` as the texts'
+groups: an image's rank is that of its best own text among the texts that are not its own.
+Text-to-image is the same with the roles swapped. Text matching (text -> other texts of the same
+image) and image instance retrieval (one augmented view -> a second view of every image) are the
+unimodal evaluators of COOKIE (issue 9).
 
-Both passes work on `chunk x chunk` blocks of the similarity matrix, so the gallery never has to
+Every pass works on `chunk x chunk` blocks of the similarity matrix, so the gallery never has to
 fit in memory as one matrix; `retrieval_metrics` is the same computation on a single block.
 `top_k_chunked` (search, report) finds the best k gallery rows of each query the same way.
 """
@@ -37,11 +43,9 @@ def retrieval_metrics(sim, txt2img, ks=(1, 5, 10)):
     raise ValueError(f"sim must be [n_images, n_texts], got shape {sim.shape}")
   n_images, n_texts = sim.shape
   txt2img = _checked_txt2img(txt2img, n_images, n_texts)
-  ks = _checked_ks(ks)
-  i2t_ahead, t2i_ahead = _count_ahead(
-      lambda rows, cols: sim[rows, cols], n_images, n_texts, txt2img,
-      chunk=max(n_images, n_texts))
-  return _summarise(i2t_ahead, t2i_ahead, txt2img, ks)
+  return _cross_modal_metrics(lambda rows, cols: sim[rows, cols],
+                              lambda rows, cols: sim[cols, rows].T, n_images, n_texts, txt2img,
+                              _checked_ks(ks), chunk=max(n_images, n_texts))
 
 
 def retrieval_metrics_chunked(img_emb, txt_emb, txt2img, ks=(1, 5, 10), chunk=4096):
@@ -66,11 +70,56 @@ def retrieval_metrics_chunked(img_emb, txt_emb, txt2img, ks=(1, 5, 10), chunk=40
                      f"{img_emb.shape} and {txt_emb.shape}")
   n_images, n_texts = img_emb.shape[0], txt_emb.shape[0]
   txt2img = _checked_txt2img(txt2img, n_images, n_texts)
-  ks = _checked_ks(ks)
-  chunk = _checked_chunk(chunk)
-  i2t_ahead, t2i_ahead = _count_ahead(
-      lambda rows, cols: img_emb[rows] @ txt_emb[cols].T, n_images, n_texts, txt2img, chunk)
-  return _summarise(i2t_ahead, t2i_ahead, txt2img, ks)
+  return _cross_modal_metrics(lambda rows, cols: img_emb[rows] @ txt_emb[cols].T,
+                              lambda rows, cols: txt_emb[rows] @ img_emb[cols].T, n_images,
+                              n_texts, txt2img, _checked_ks(ks), _checked_chunk(chunk))
+
+
+def group_retrieval_metrics(query_emb, gallery_emb, query_groups, gallery_groups, ks=(1, 5, 10),
+                            chunk=4096, exclude_self=False):
+  """Recall@K (percent) and median rank of queries searching a gallery by dot product.
+
+  A gallery item is relevant to a query when their groups are equal and, with `exclude_self`,
+  it is not the query itself (query i is gallery item i). A query's rank is 1 + the number of
+  non-relevant gallery items other than itself scoring >= its best relevant item (ties and NaN
+  against the query, see the module doc). Queries with no relevant item are left out.
+  Memory O(chunk^2 + n + m).
+
+  Args:
+    query_emb: [n, D] query embeddings.
+    gallery_emb: [m, D] gallery embeddings.
+    query_groups: [n] int, the group label of each query.
+    gallery_groups: [m] int, the group label of each gallery item.
+    ks: the K of the recalls.
+    chunk: side of the largest similarity block ever held.
+    exclude_self: the query set is the gallery (n == m, same order): item i is no candidate of
+      query i.
+
+  Returns:
+    dict of Python floats: `r{k}` for each k (percent of the ranked queries), `medr` (median
+    1-based rank, np.median).
+
+  Raises:
+    ValueError on shape mismatches, non-integer groups, n != m with exclude_self, bad ks or
+    chunk, or when no query has a relevant gallery item.
+  """
+  query_emb, gallery_emb = _as_float(query_emb), _as_float(gallery_emb)
+  if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+    raise ValueError("query_emb and gallery_emb must be [n, D] and [m, D], got shapes "
+                     f"{query_emb.shape} and {gallery_emb.shape}")
+  n_queries, n_gallery = query_emb.shape[0], gallery_emb.shape[0]
+  query_groups = _checked_groups(query_groups, n_queries, "query_groups")
+  gallery_groups = _checked_groups(gallery_groups, n_gallery, "gallery_groups")
+  if exclude_self and n_queries != n_gallery:
+    raise ValueError(f"exclude_self needs the queries to be the gallery, got {n_queries} queries "
+                     f"and {n_gallery} gallery items")
+  ks, chunk = _checked_ks(ks), _checked_chunk(chunk)
+  ranks = _ranks(lambda rows, cols: query_emb[rows] @ gallery_emb[cols].T, query_groups,
+                 gallery_groups, chunk, exclude_self)
+  if not ranks.size:
+    raise ValueError(f"no query has a relevant gallery item ({n_queries} queries, "
+                     f"{n_gallery} gallery items)")
+  return _recalls(ranks, ks)
 
 
 def top_k_chunked(queries, gallery, k, chunk=4096):
@@ -147,19 +196,33 @@ def embed_dataset(embed_fn, batches):
   return np.concatenate(kept, axis=0)
 
 
-class RetrievalEvaluator:
-  """Image <-> text retrieval on one split; the trainer logs its metrics as `eval/<name>/<key>`.
-
-  `split` gives `image_batches()` (dicts with `image`, `valid`), `text_batches()` (dicts with
-  `text_ids`, `text_mask`, `valid`), `num_images` and `txt2img` ([n_texts] int, the image index
-  of each text, images counted in the order `image_batches` yields them).
-  """
+class _SplitEvaluator:
+  """What every evaluator holds: its name (the trainer logs `eval/<name>/<key>`), the split,
+  the K of the recalls and the block side of the ranking."""
 
   def __init__(self, name, split, ks=(1, 5, 10), chunk=4096):
     self.name = name
     self.split = split
     self.ks = _checked_ks(ks)
     self.chunk = _checked_chunk(chunk)
+
+  def _embed(self, embed_fn, batches, expected, what):
+    """`embed_dataset(embed_fn, batches)` -> [expected, E]; ValueError naming the evaluator
+    and `what` ("images", "texts") when another count comes out."""
+    emb = embed_dataset(embed_fn, batches)
+    if emb.shape[0] != expected:
+      raise ValueError(f"evaluator {self.name!r}: embedded {emb.shape[0]} {what} but the split "
+                       f"has {expected}")
+    return emb
+
+
+class RetrievalEvaluator(_SplitEvaluator):
+  """Image <-> text retrieval on one split.
+
+  `split` gives `image_batches()` (dicts with `image`, `valid`), `text_batches()` (dicts with
+  `text_ids`, `text_mask`, `valid`), `num_images` and `txt2img` ([n_texts] int, the image index
+  of each text, images counted in the order `image_batches` yields them).
+  """
 
   def run(self, embed_image_fn, embed_text_fn):
     """Embeds the split and returns the `retrieval_metrics` dict.
@@ -171,76 +234,164 @@ class RetrievalEvaluator:
     Raises:
       ValueError when the embedded counts do not match the split's `num_images` / `txt2img`.
     """
-    img_emb = embed_dataset(embed_image_fn, self.split.image_batches())
-    txt_emb = embed_dataset(embed_text_fn, self.split.text_batches())
     txt2img = np.asarray(self.split.txt2img)
-    if txt_emb.shape[0] != txt2img.shape[0]:
-      raise ValueError(f"evaluator {self.name!r}: embedded {txt_emb.shape[0]} texts but the "
-                       f"split's txt2img has {txt2img.shape[0]}")
-    if img_emb.shape[0] != self.split.num_images:
-      raise ValueError(f"evaluator {self.name!r}: embedded {img_emb.shape[0]} images but the "
-                       f"split has {self.split.num_images}")
+    img_emb = self._embed(embed_image_fn, self.split.image_batches(), self.split.num_images,
+                          "images")
+    txt_emb = self._embed(embed_text_fn, self.split.text_batches(), txt2img.shape[0], "texts")
     return retrieval_metrics_chunked(img_emb, txt_emb, txt2img, self.ks, self.chunk)
 
 
-def _count_ahead(block_fn, n_images, n_texts, txt2img, chunk):
-  """Counts, per query, the non-ground-truth candidates that rank ahead of its ground truth.
+class TextMatchingEvaluator(_SplitEvaluator):
+  """Text -> text retrieval: each caption queries all the other captions of the split; a hit is
+  a caption of the same image. The captions of an image with no other caption are left out as
+  queries (they stay in the gallery).
 
-  Two passes over `chunk x chunk` blocks: the first reads each text's ground-truth score
-  (and from those each image's best one) out of the block products, the second counts the
-  candidates with a score >= it. Both passes compute a block the same way, so the ground-truth
-  scores compare exactly with the candidates' scores.
+  `split` gives `text_batches()` and `txt2img` as for `RetrievalEvaluator`. Construction raises
+  ValueError when no image of the split has two captions (nothing to find).
+  """
+
+  def __init__(self, name, split, ks=(1, 5, 10), chunk=4096):
+    super().__init__(name, split, ks, chunk)
+    _, captions_per_image = np.unique(np.asarray(split.txt2img), return_counts=True)
+    if captions_per_image.max(initial=0) < 2:
+      raise ValueError(f"evaluator {name!r}: text matching needs an image with two or more "
+                       "captions, the split has none")
+
+  def run(self, embed_text_fn):
+    """Embeds the captions and returns `group_retrieval_metrics`' dict (`r{k}`, `medr`).
+
+    Args:
+      embed_text_fn: text batch dict -> [b, D] embeddings.
+
+    Raises:
+      ValueError when the embedded count does not match the split's `txt2img`.
+    """
+    txt2img = np.asarray(self.split.txt2img)
+    txt_emb = self._embed(embed_text_fn, self.split.text_batches(), txt2img.shape[0], "texts")
+    return group_retrieval_metrics(txt_emb, txt_emb, txt2img, txt2img, self.ks, self.chunk,
+                                   exclude_self=True)
+
+
+class ImageInstanceEvaluator(_SplitEvaluator):
+  """Image -> image instance retrieval: the augmented view of seed QUERY_SEED of each image
+  queries the views of seed GALLERY_SEED of all images; a hit is the view of the same image.
+
+  `split` gives `num_images` and `view_batches(seed)` (dicts with `image`, `valid`: one
+  augmented view of every image, in a fixed order, the same for the same seed).
+  """
+  QUERY_SEED, GALLERY_SEED = 0, 1
+
+  def run(self, embed_image_fn):
+    """Embeds both views of every image and returns `group_retrieval_metrics`' dict (`r{k}`,
+    `medr`).
+
+    Args:
+      embed_image_fn: image batch dict -> [b, D] embeddings.
+
+    Raises:
+      ValueError when an embedded count does not match the split's `num_images`.
+    """
+    num_images = self.split.num_images
+    queries, gallery = (
+        self._embed(embed_image_fn, self.split.view_batches(seed), num_images, "images")
+        for seed in (self.QUERY_SEED, self.GALLERY_SEED))
+    image_ids = np.arange(num_images)
+    return group_retrieval_metrics(queries, gallery, image_ids, image_ids, self.ks, self.chunk)
+
+
+def _cross_modal_metrics(i2t_block, t2i_block, n_images, n_texts, txt2img, ks, chunk):
+  """The `retrieval_metrics` dict: `_ranks` both ways, images grouped by their own index.
 
   Args:
-    block_fn: (row slice, column slice) -> [rows, cols] block of the [n_images, n_texts] scores.
+    i2t_block: (image slice, text slice) -> [rows, cols] block of the [n_images, n_texts]
+      scores.
+    t2i_block: (text slice, image slice) -> the same scores, text-major.
     n_images, n_texts: the matrix shape.
     txt2img: [n_texts] int64, valid image indices.
+    ks: checked K of the recalls.
     chunk: block side.
-
-  Returns:
-    i2t_ahead [n_images] and t2i_ahead [n_texts], int64 counts (rank = 1 + count).
   """
-  # Float64 holds every float32 score exactly, and NaN stays NaN.
-  gt_txt = np.empty(n_texts, np.float64)
-  for rows, cols in _blocks(n_images, n_texts, chunk):
-    owner_row = txt2img[cols] - rows.start
-    local = np.flatnonzero((owner_row >= 0) & (owner_row < rows.stop - rows.start))
-    if local.size:  # Only blocks that hold a ground-truth pair are computed in this pass.
-      gt_txt[cols.start + local] = block_fn(rows, cols)[owner_row[local], local]
-  # np.maximum propagates NaN (on purpose, silently); images with no text keep -inf and are
-  # dropped later.
-  best_img = np.full(n_images, -np.inf)
-  with np.errstate(invalid="ignore"):
-    np.maximum.at(best_img, txt2img, gt_txt)
-
-  i2t_ahead = np.zeros(n_images, np.int64)
-  t2i_ahead = np.zeros(n_texts, np.int64)
-  for rows, cols in _blocks(n_images, n_texts, chunk):
-    scores = block_fn(rows, cols)
-    is_gt = txt2img[cols][None, :] == np.arange(rows.start, rows.stop)[:, None]
-    # `not (score < gt)` is `score >= gt`, and also counts a NaN on either side as ahead.
-    i2t_ahead[rows] += np.sum(~((scores < best_img[rows, None]) | is_gt), axis=1)
-    t2i_ahead[cols] += np.sum(~((scores < gt_txt[None, cols]) | is_gt), axis=0)
-  return i2t_ahead, t2i_ahead
-
-
-def _blocks(n_images, n_texts, chunk):
-  """Yields (row slice, column slice) of the `chunk x chunk` tiles of [n_images, n_texts]."""
-  for i0 in range(0, n_images, chunk):
-    for j0 in range(0, n_texts, chunk):
-      yield slice(i0, min(i0 + chunk, n_images)), slice(j0, min(j0 + chunk, n_texts))
-
-
-def _summarise(i2t_ahead, t2i_ahead, txt2img, ks):
-  """Turns the ahead-counts into the metric dict of `retrieval_metrics`."""
-  has_text = np.bincount(txt2img, minlength=i2t_ahead.shape[0]) > 0
-  ranks = {"i2t": 1 + i2t_ahead[has_text], "t2i": 1 + t2i_ahead}
-  metrics = {f"{direction}_r{k}": float(100.0 * np.mean(ranks[direction] <= k))
+  image_groups = np.arange(n_images)
+  per_direction = {
+      "i2t": _recalls(_ranks(i2t_block, image_groups, txt2img, chunk), ks),
+      "t2i": _recalls(_ranks(t2i_block, txt2img, image_groups, chunk), ks)}
+  metrics = {f"{direction}_r{k}": per_direction[direction][f"r{k}"]
              for direction in ("i2t", "t2i") for k in ks}
   metrics["rsum"] = float(sum(metrics.values()))
   metrics["r_mean"] = metrics["rsum"] / (2 * len(ks))
   for direction in ("i2t", "t2i"):
-    metrics[f"{direction}_medr"] = float(np.median(ranks[direction]))
+    metrics[f"{direction}_medr"] = per_direction[direction]["medr"]
+  return metrics
+
+
+def _ranks(score_block, query_groups, gallery_groups, chunk, exclude_self=False):
+  """1-based ranks of the queries that have a relevant gallery item (rule: module doc).
+
+  Two passes over `chunk x chunk` blocks: the first reads each query's best relevant score (only
+  blocks that hold a relevant pair are computed), the second counts the non-relevant items
+  scoring >= it. Both passes compute a block the same way, so the relevant scores compare
+  exactly with the candidates' scores.
+
+  Args:
+    score_block: (query slice, gallery slice) -> [rows, cols] block of the [n, m] scores.
+    query_groups: [n] int64 group labels; gallery_groups: [m] int64.
+    chunk: block side.
+    exclude_self: gallery item i is neither relevant to nor a competitor of query i.
+
+  Returns:
+    int64 [n'] ranks, in query order, of the n' queries with a relevant item.
+  """
+  n_queries, n_gallery = query_groups.shape[0], gallery_groups.shape[0]
+  # Float64 holds every float32 score exactly, and NaN stays NaN. np.maximum propagates NaN (on
+  # purpose, silently): a NaN relevant score puts every competitor ahead.
+  best = np.full(n_queries, -np.inf)
+  has_relevant = np.zeros(n_queries, bool)
+  for rows, cols in _blocks(n_queries, n_gallery, chunk):
+    relevant, _ = _block_masks(query_groups, gallery_groups, rows, cols, exclude_self)
+    if relevant is not None and relevant.any():
+      scores = np.where(relevant, score_block(rows, cols), -np.inf)
+      with np.errstate(invalid="ignore"):
+        best[rows] = np.maximum(best[rows], scores.max(axis=1))
+      has_relevant[rows] |= relevant.any(axis=1)
+
+  ahead = np.zeros(n_queries, np.int64)
+  for rows, cols in _blocks(n_queries, n_gallery, chunk):
+    _, not_competing = _block_masks(query_groups, gallery_groups, rows, cols, exclude_self)
+    # `not (score < best)` is `score >= best`, and also counts a NaN on either side as ahead.
+    is_ahead = ~(score_block(rows, cols) < best[rows, None])
+    if not_competing is not None:
+      is_ahead &= ~not_competing
+    ahead[rows] += np.count_nonzero(is_ahead, axis=1)
+  return 1 + ahead[has_relevant]
+
+
+def _block_masks(query_groups, gallery_groups, rows, cols, exclude_self):
+  """(relevant, not competing) bool [rows, cols] masks of one block: same group (and not the
+  query itself with exclude_self); same group or the query itself. (None, None) when the block
+  holds no such pair, which is most blocks when the groups come sorted (captions in image
+  order), and costs O(chunk log chunk) instead of O(chunk^2) to find."""
+  row_groups, col_groups = query_groups[rows], gallery_groups[cols]
+  holds_self = exclude_self and rows.start < cols.stop and cols.start < rows.stop
+  if not holds_self and not np.isin(row_groups, col_groups).any():
+    return None, None
+  same_group = row_groups[:, None] == col_groups[None, :]
+  if not exclude_self:
+    return same_group, same_group
+  is_self = np.arange(rows.start, rows.stop)[:, None] == np.arange(cols.start, cols.stop)[None, :]
+  return same_group & ~is_self, same_group | is_self
+
+
+def _blocks(n_rows, n_cols, chunk):
+  """Yields (row slice, column slice) of the `chunk x chunk` tiles of [n_rows, n_cols]."""
+  for i0 in range(0, n_rows, chunk):
+    for j0 in range(0, n_cols, chunk):
+      yield slice(i0, min(i0 + chunk, n_rows)), slice(j0, min(j0 + chunk, n_cols))
+
+
+def _recalls(ranks, ks):
+  """int [n'] 1-based ranks -> {"r{k}": percent with rank <= k, "medr": median rank}."""
+  metrics = {f"r{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
+  metrics["medr"] = float(np.median(ranks))
   return metrics
 
 
@@ -264,6 +415,16 @@ def _checked_txt2img(txt2img, n_images, n_texts):
     raise ValueError(f"txt2img[{bad[0]}] = {txt2img[bad[0]]} is not an image index in "
                      f"[0, {n_images})")
   return txt2img.astype(np.int64)
+
+
+def _checked_groups(groups, n, name):
+  """groups as int64 [n]."""
+  groups = np.asarray(groups)
+  if groups.ndim != 1 or groups.shape[0] != n:
+    raise ValueError(f"{name} must be [{n}], got shape {groups.shape}")
+  if not np.issubdtype(groups.dtype, np.integer):
+    raise ValueError(f"{name} must hold integer group labels, got dtype {groups.dtype}")
+  return groups.astype(np.int64)
 
 
 def _checked_ks(ks):

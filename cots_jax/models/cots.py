@@ -1,7 +1,10 @@
-"""The COTS two-stream model: ViT + BERT towers, projection heads, MLM / MVM heads.
+"""The two-stream model: ViT + BERT towers, projection heads, MLM / MVM heads (COTS), and
+optionally COOKIE's weight-sharing transformer between the towers and the projections.
 
 No cross-stream network (method §1.2): the other modality enters the MLM / MVM heads only as
-one pooled global vector (method §4 items 7-8, `config.model.mvlm_fusion`). The trainer calls
+one pooled global vector (method §4 items 7-8, `config.model.mvlm_fusion`). With
+`config.model.use_wst` each tower's tokens pass through the WST (models/wst.py) before pooling and
+projection; the MLM / MVM heads keep using the towers' own global vectors. The trainer calls
 the pieces as pure functions, e.g.
 
   model = CotsModel.from_config(config)
@@ -9,7 +12,9 @@ the pieces as pure functions, e.g.
   tokens = model.apply({"params": params}, image, method="encode_image")
 
 Parameters are float32; `config.model.dtype` is the compute dtype. Parameter tree:
-image (ViT), text (BERT, HF names), image_proj, text_proj, mlm_head, mvm_head.
+image (ViT), text (BERT, HF names), image_proj, text_proj, mlm_head, mvm_head; with the WST also
+`wst` (shared) or `wst_image` + `wst_text` (unshared), and, for COOKIE's "cross_model" terms,
+image_encoder_proj + text_encoder_proj (projections of the towers' own global vectors).
 """
 
 from typing import Any
@@ -18,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from cots_jax.models import wst
 from cots_jax.models.bert import Bert
 from cots_jax.models.vit import ViT
 
@@ -36,6 +42,23 @@ def l2_normalize(x, eps=1e-12):
   """`[..., D]` -> float32 rows of unit L2 norm (a zero row stays zero)."""
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def pool_image(tokens, how):
+  """tokens `[B, 1+N, D]` ([CLS] first) -> `[B, D]`: the [CLS] state ("cls") or the mean of the
+  patch states ("mean")."""
+  if how == "mean":
+    return jnp.mean(tokens[:, 1:], axis=1)
+  return tokens[:, 0]
+
+
+def pool_text(hidden, mask, how):
+  """hidden `[B, L, D]`, mask `[B, L]` (1 = real) -> `[B, D]`: the [CLS] state ("cls") or the
+  mean over the real tokens ("mean")."""
+  if how == "mean":
+    weights = mask.astype(hidden.dtype)[..., None]
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+  return hidden[:, 0]
 
 
 class MvlmHead(nn.Module):
@@ -84,23 +107,35 @@ class MvlmHead(nn.Module):
     return logits + bias
 
 
+def needs_encoder_projections(config):
+  """True when COOKIE's "cross_model" intra-modal terms are on (they need projections of the
+  towers' own global vectors beside the WST-level ones)."""
+  loss = config.loss
+  return (config.model.use_wst and loss.cookie_intra_mode == "cross_model"
+          and (loss.cookie_vv > 0 or loss.cookie_tt > 0))
+
+
 class CotsModel(nn.Module):
-  """Both towers and all heads of COTS.
+  """Both towers and all heads of COTS, plus COOKIE's WST when `model.use_wst`.
 
   Build it with `CotsModel.from_config(config)`.
 
   Attributes:
     model: the `config.model` group as a FrozenConfigDict (hashable, as flax fields must be).
     codebook_size: V of the MVM head, = config.vq.codebook_size.
+    encoder_projections: build image_encoder_proj / text_encoder_proj (COOKIE "cross_model").
   """
   model: ml_collections.FrozenConfigDict
   codebook_size: int
+  encoder_projections: bool = False
 
   @classmethod
   def from_config(cls, config):
-    """From the whole config tree (configs/common.py): uses `config.model` and `config.vq`."""
+    """From the whole config tree (configs/common.py): `config.model`, `config.vq` and whether
+    the loss needs encoder-level projections."""
     return cls(model=ml_collections.FrozenConfigDict(config.model),
-               codebook_size=config.vq.codebook_size)
+               codebook_size=config.vq.codebook_size,
+               encoder_projections=needs_encoder_projections(config))
 
   def setup(self):
     m = self.model
@@ -113,6 +148,29 @@ class CotsModel(nn.Module):
     self.mlm_head = MvlmHead(m.text.width, m.mvlm_fusion, dtype=dtype)
     self.mvm_head = MvlmHead(m.image.width, m.mvlm_fusion, num_outputs=self.codebook_size,
                              dtype=dtype)
+    if m.use_wst and m.wst_shared:
+      self.wst = self._wst_stack(wst.MODALITIES, dtype)
+    elif m.use_wst:
+      self.wst_image = self._wst_stack(("image",), dtype)
+      self.wst_text = self._wst_stack(("text",), dtype)
+    if self.encoder_projections:
+      self.image_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
+      self.text_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
+
+  def _wst_stack(self, modalities, dtype):
+    """One WST instance serving `modalities`; width and heads 0 take the text tower's."""
+    m = self.model
+    width = m.wst_width or m.text.width
+    return wst.WeightSharingTransformer(
+        modalities=modalities, width=width, depth=m.wst_layers, heads=m.wst_heads or m.text.heads,
+        mlp_dim=round(width * m.wst_mlp_ratio), modality_embed=m.wst_modality_embed,
+        dropout=m.wst_dropout, dtype=dtype)
+
+  def wst_tokens(self, modality, tokens, mask, train=False):
+    """The WST of `modality` (the shared one, or its own stack) on its tower's tokens
+    `[B, T, D_tower]` with mask `[B, T]` or None -> `[B, T, Dw]`."""
+    stack = self.wst if self.model.wst_shared else getattr(self, f"wst_{modality}")
+    return stack(tokens, mask, modality, train)
 
   def encode_image(self, image, mvm_mask=None, train=False):
     """image `[B, H, W, 3]`, mvm_mask `[B, N]` bool or None -> tokens `[B, 1+N, Di]`."""
@@ -123,37 +181,52 @@ class CotsModel(nn.Module):
     return self.text(ids, mask, train)
 
   def image_global(self, tokens):
-    """Global image vector `[B, Di]` from tokens `[B, 1+N, Di]`: the [CLS] state, or the mean of
-    the patch states when `model.pool == "mean"`."""
-    if self.model.pool == "mean":
-      return jnp.mean(tokens[:, 1:], axis=1)
-    return tokens[:, 0]
+    """The tower's global image vector `[B, Di]` from tokens `[B, 1+N, Di]` (`model.pool`)."""
+    return pool_image(tokens, self.model.pool)
 
   def text_global(self, hidden, mask):
-    """Global text vector `[B, Dt]` from hidden `[B, L, Dt]`, mask `[B, L]`: the [CLS] state, or
-    the mean over real tokens when `model.pool == "mean"`."""
-    if self.model.pool == "mean":
-      weights = mask.astype(hidden.dtype)[..., None]
-      return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
-    return hidden[:, 0]
+    """The tower's global text vector `[B, Dt]` from hidden `[B, L, Dt]`, mask `[B, L]`
+    (`model.pool`)."""
+    return pool_text(hidden, mask, self.model.pool)
+
+  def image_head_input(self, tokens, train=False):
+    """What the image projection sees, from tower tokens `[B, 1+N, Di]`: the WST output pooled
+    by `model.wst_pool` `[B, Dw]` with `model.use_wst`, else `image_global(tokens)`."""
+    if not self.model.use_wst:
+      return self.image_global(tokens)
+    return pool_image(self.wst_tokens("image", tokens, None, train), self.model.wst_pool)
+
+  def text_head_input(self, hidden, mask, train=False):
+    """What the text projection sees, from tower states `[B, L, Dt]` and mask `[B, L]`: the WST
+    output pooled by `model.wst_pool` `[B, Dw]` with `model.use_wst`, else `text_global`."""
+    if not self.model.use_wst:
+      return self.text_global(hidden, mask)
+    return pool_text(self.wst_tokens("text", hidden, mask, train), mask, self.model.wst_pool)
 
   def image_embedding(self, image, train=False):
-    """image `[B, H, W, 3]` -> (L2-normalised embedding `[B, E]`, global vector `[B, Di]`)."""
-    image_global = self.image_global(self.encode_image(image, None, train))
-    return self.embed_image(image_global), image_global
+    """image `[B, H, W, 3]` -> (L2-normalised embedding `[B, E]`, tower global vector `[B, Di]`)."""
+    tokens = self.encode_image(image, None, train)
+    return self.embed_image(self.image_head_input(tokens, train)), self.image_global(tokens)
 
   def text_embedding(self, ids, mask, train=False):
-    """ids, mask `[B, L]` -> (L2-normalised embedding `[B, E]`, global vector `[B, Dt]`)."""
-    text_global = self.text_global(self.encode_text(ids, mask, train), mask)
-    return self.embed_text(text_global), text_global
+    """ids, mask `[B, L]` -> (L2-normalised embedding `[B, E]`, tower global vector `[B, Dt]`)."""
+    hidden = self.encode_text(ids, mask, train)
+    return (self.embed_text(self.text_head_input(hidden, mask, train)),
+            self.text_global(hidden, mask))
 
   def embed_image(self, cls):
-    """Image global vector `[B, Di]` -> L2-normalised float32 embedding `[B, E]`."""
+    """Image head input `[B, D]` (`image_head_input`) -> L2-normalised float32 embedding `[B, E]`."""
     return l2_normalize(self.image_proj(cls))
 
   def embed_text(self, cls):
-    """Text global vector `[B, Dt]` -> L2-normalised float32 embedding `[B, E]`."""
+    """Text head input `[B, D]` (`text_head_input`) -> L2-normalised float32 embedding `[B, E]`."""
     return l2_normalize(self.text_proj(cls))
+
+  def encoder_embeddings(self, image_global, text_global):
+    """COOKIE "cross_model": the towers' global vectors `[B, Di]`, `[B, Dt]` -> their own
+    L2-normalised projections `([B, E], [B, E])`, beside the WST-level embeddings."""
+    return (l2_normalize(self.image_encoder_proj(image_global)),
+            l2_normalize(self.text_encoder_proj(text_global)))
 
   def mlm_logits(self, hidden_at_masked, image_global):
     """Masked text states `[B, P, Dt]`, image [CLS] `[B, Di]` -> float32 `[B, P, vocab]`."""
@@ -169,17 +242,22 @@ class CotsModel(nn.Module):
 
     Returns:
       dict(image_tokens [B,1+N,Di], text_tokens [B,L,Dt], image_embed [B,E],
-      text_embed [B,E], mlm_logits [B,L,vocab], mvm_logits [B,N,V]).
+      text_embed [B,E], mlm_logits [B,L,vocab], mvm_logits [B,N,V]), plus
+      image_encoder_embed, text_encoder_embed [B,E] with `encoder_projections`.
     """
     image_tokens = self.encode_image(image, mvm_mask, train)
     text_tokens = self.encode_text(text_ids, text_mask, train)
     image_global = self.image_global(image_tokens)
     text_global = self.text_global(text_tokens, text_mask)
-    return {
+    outputs = {
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
-        "image_embed": self.embed_image(image_global),
-        "text_embed": self.embed_text(text_global),
+        "image_embed": self.embed_image(self.image_head_input(image_tokens, train)),
+        "text_embed": self.embed_text(self.text_head_input(text_tokens, text_mask, train)),
         "mlm_logits": self.mlm_logits(text_tokens, image_global),
         "mvm_logits": self.mvm_logits(image_tokens[:, 1:], text_global),
     }
+    if self.encoder_projections:
+      outputs["image_encoder_embed"], outputs["text_encoder_embed"] = self.encoder_embeddings(
+          image_global, text_global)
+    return outputs

@@ -28,7 +28,10 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); `[B, T, D] -> [B, T, D]`."""
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)); `[B, T, D] -> [B, T, D]`.
+
+  `attention_mask` `[B, 1, T, T]` bool (True = may attend), or None for full attention.
+  """
   heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -37,11 +40,11 @@ class EncoderBlock(nn.Module):
   gelu_approximate: bool = False
 
   @nn.compact
-  def __call__(self, x, train=False):
+  def __call__(self, x, train=False, attention_mask=None):
     y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm1")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.heads, dtype=self.dtype, force_fp32_for_softmax=True,
-        deterministic=True, name="attn")(y, y)
+        deterministic=True, name="attn")(y, y, mask=attention_mask)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="norm2")(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.gelu_approximate, name="mlp")(
