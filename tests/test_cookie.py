@@ -110,6 +110,15 @@ def test_wst_refuses_a_modality_it_does_not_serve():
     stack.apply(params, tokens, None, "text")
 
 
+def test_the_modality_embedding_tells_the_modalities_apart():
+  stack = wst.WeightSharingTransformer(wst.MODALITIES, width=8, depth=1, heads=2, mlp_dim=16)
+  tokens = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  params = stack.init(jax.random.key(1), tokens, None, "image")
+  assert params["params"]["modality_embed"].shape == (2, 8)
+  as_image, as_text = (stack.apply(params, tokens, None, modality) for modality in wst.MODALITIES)
+  assert np.abs(np.asarray(as_image) - np.asarray(as_text)).max() > 1e-4
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_padding_tokens_never_change_the_text_output(pool):
   config = cookie_config(**{"model.wst_pool": pool})
