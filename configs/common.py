@@ -72,6 +72,11 @@ def model_config(size="tiny"):
   m.wst_heads = 0  # 0 = the text tower's heads
   m.wst_mlp_ratio = 4.0
   m.wst_dropout = 0.0
+  # Video (method §4 items 9, 28): frames per clip, and how their vectors become one:
+  # "mean" or "transformer" (`temporal_layers` pre-LN layers over learned frame positions).
+  m.num_frames = 4
+  m.temporal_agg = "mean"
+  m.temporal_layers = 2
 
   m.image = ml_collections.ConfigDict()
   m.image.image_size = 48 if size == "tiny" else 224

@@ -4,7 +4,9 @@ optionally COOKIE's weight-sharing transformer between the towers and the projec
 No cross-stream network (method §1.2): the other modality enters the MLM / MVM heads only as
 one pooled global vector (method §4 items 7-8, `config.model.mvlm_fusion`). With
 `config.model.use_wst` each tower's tokens pass through the WST (models/wst.py) before pooling and
-projection; the MLM / MVM heads keep using the towers' own global vectors. The trainer calls
+projection; the MLM / MVM heads keep using the towers' own global vectors. Video clips
+`[B, T, H, W, 3]` go through the image tower frame by frame and a temporal aggregation
+(models/temporal.py) before the image projection (`video_embedding`). The trainer calls
 the pieces as pure functions, e.g.
 
   model = CotsModel.from_config(config)
@@ -14,7 +16,8 @@ the pieces as pure functions, e.g.
 Parameters are float32; `config.model.dtype` is the compute dtype. Parameter tree:
 image (ViT), text (BERT, HF names), image_proj, text_proj, mlm_head, mvm_head; with the WST also
 `wst` (shared) or `wst_image` + `wst_text` (unshared), and, for COOKIE's "cross_model" terms,
-image_encoder_proj + text_encoder_proj (projections of the towers' own global vectors).
+image_encoder_proj + text_encoder_proj (projections of the towers' own global vectors); with
+`model.temporal_agg == "transformer"` and video input, `temporal`.
 """
 
 from typing import Any
@@ -23,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from cots_jax.models import temporal
 from cots_jax.models import wst
 from cots_jax.models.bert import Bert
 from cots_jax.models.vit import ViT
@@ -156,6 +160,9 @@ class CotsModel(nn.Module):
     if self.encoder_projections:
       self.image_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
       self.text_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
+    self.temporal = temporal.TemporalAggregator(
+        m.temporal_agg, m.num_frames, m.temporal_layers, m.image.heads, m.image.mlp_ratio,
+        m.image.dropout, dtype)
 
   def _wst_stack(self, modalities, dtype):
     """One WST instance serving `modalities`; width and heads 0 take the text tower's."""
@@ -208,6 +215,20 @@ class CotsModel(nn.Module):
     tokens = self.encode_image(image, None, train)
     return self.embed_image(self.image_head_input(tokens, train)), self.image_global(tokens)
 
+  def video_embedding(self, video, train=False, frame_mask=None):
+    """video `[B, T, H, W, 3]` (frame_mask `[B, T]`, 1 = real frame, or None) -> (L2-normalised
+    embedding `[B, E]`, clip global vector `[B, Di]`: the mean of the frames' tower vectors).
+
+    Every frame goes through the image tower (and the WST) as one `[B*T, H, W, 3]` batch; the
+    frames' head inputs are aggregated over time (`model.temporal_agg`), then projected.
+    """
+    batch, num_frames = video.shape[:2]
+    tokens = self.encode_image(video.reshape(batch * num_frames, *video.shape[2:]), None, train)
+    frame_heads = self.image_head_input(tokens, train).reshape(batch, num_frames, -1)
+    frame_globals = self.image_global(tokens).reshape(batch, num_frames, -1)
+    return (self.embed_image(self.temporal(frame_heads, frame_mask, train)),
+            temporal.masked_frame_mean(frame_globals, frame_mask))
+
   def text_embedding(self, ids, mask, train=False):
     """ids, mask `[B, L]` -> (L2-normalised embedding `[B, E]`, tower global vector `[B, Dt]`)."""
     hidden = self.encode_text(ids, mask, train)
@@ -238,21 +259,27 @@ class CotsModel(nn.Module):
     return self.mvm_head(hidden_at_masked, text_global)
 
   def __call__(self, image, text_ids, text_mask, mvm_mask=None, train=False):
-    """Runs every submodule once (what `init` uses); all positions go through the heads.
+    """Runs every submodule once (what `init` uses); all positions go through the heads. A video
+    `[B, T, H, W, 3]` in place of `image` also runs the temporal aggregation.
 
     Returns:
       dict(image_tokens [B,1+N,Di], text_tokens [B,L,Dt], image_embed [B,E],
       text_embed [B,E], mlm_logits [B,L,vocab], mvm_logits [B,N,V]), plus
       image_encoder_embed, text_encoder_embed [B,E] with `encoder_projections`.
     """
-    image_tokens = self.encode_image(image, mvm_mask, train)
+    if image.ndim == 5:
+      image_embed, image_global = self.video_embedding(image, train)
+      image_tokens = self.encode_image(image[:, 0], mvm_mask, train)
+    else:
+      image_tokens = self.encode_image(image, mvm_mask, train)
+      image_global = self.image_global(image_tokens)
+      image_embed = self.embed_image(self.image_head_input(image_tokens, train))
     text_tokens = self.encode_text(text_ids, text_mask, train)
-    image_global = self.image_global(image_tokens)
     text_global = self.text_global(text_tokens, text_mask)
     outputs = {
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
-        "image_embed": self.embed_image(self.image_head_input(image_tokens, train)),
+        "image_embed": image_embed,
         "text_embed": self.embed_text(self.text_head_input(text_tokens, text_mask, train)),
         "mlm_logits": self.mlm_logits(text_tokens, image_global),
         "mvm_logits": self.mvm_logits(image_tokens[:, 1:], text_global),

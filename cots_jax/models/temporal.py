@@ -1,0 +1,64 @@
+"""Temporal aggregation of per-frame vectors into one video vector (method §4 items 9, 28).
+
+The image tower encodes every frame of a clip (as one `[B*T, H, W, 3]` batch); this module turns
+the `[B, T, D]` frame vectors into `[B, D]`: the mean over the real frames ("mean"), or a small
+pre-LN transformer over the frames with learned frame positions, then that mean
+("transformer"), which is what lets a model see frame order.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cots_jax.models.vit import EncoderBlock
+
+AGGREGATIONS = ("mean", "transformer")
+
+
+def masked_frame_mean(frames, frame_mask):
+  """frames `[B, T, D]`, frame_mask `[B, T]` (1 = real frame) or None -> `[B, D]` mean over the
+  real frames (a clip without any real frame gives 0)."""
+  if frame_mask is None:
+    return jnp.mean(frames, axis=1)
+  weights = frame_mask.astype(frames.dtype)[..., None]
+  return jnp.sum(frames * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+
+
+class TemporalAggregator(nn.Module):
+  """`[B, T, D]` frame vectors (+ optional `[B, T]` frame mask) -> `[B, D]` clip vector.
+
+  Attributes:
+    mode: "mean" (no parameters) or "transformer".
+    num_frames: T, the number of learned frame positions ("transformer").
+    layers, heads, mlp_ratio: the transformer's sizes (its width is the input's).
+    dropout: dropout inside the transformer blocks (active only when train).
+    dtype: compute dtype; parameters stay float32.
+  """
+  mode: str
+  num_frames: int
+  layers: int = 2
+  heads: int = 4
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames, frame_mask=None, train=False):
+    if self.mode not in AGGREGATIONS:
+      raise ValueError(f"temporal_agg must be one of {AGGREGATIONS}, got {self.mode!r}")
+    if frames.shape[1] != self.num_frames:
+      raise ValueError(f"built for {self.num_frames} frames per clip, got {frames.shape[1]}")
+    if self.mode == "mean":
+      return masked_frame_mean(frames, frame_mask)
+    width = frames.shape[-1]
+    positions = self.param("frame_pos_embed", nn.initializers.normal(0.02),
+                           (1, self.num_frames, width))
+    x = frames.astype(self.dtype) + positions.astype(self.dtype)
+    attention_mask = (None if frame_mask is None
+                      else nn.make_attention_mask(frame_mask > 0, frame_mask > 0))
+    for i in range(self.layers):
+      x = EncoderBlock(self.heads, round(width * self.mlp_ratio), self.dropout, self.dtype,
+                       name=f"block_{i}")(x, train, attention_mask)
+    x = nn.LayerNorm(1e-6, dtype=self.dtype, name="norm")(x)
+    return masked_frame_mean(x, frame_mask)

@@ -1,0 +1,89 @@
+"""Video in the model: temporal aggregation (mean / transformer, masking) and `video_embedding`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cots_jax.models import cots as cots_model
+from cots_jax.models import temporal
+from support import tiny_config
+
+
+def test_masked_frame_mean_matches_numpy_and_an_empty_clip_gives_zero():
+  frames = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], np.int32)
+  want = np.stack([frames[0, :2].mean(0), frames[1].mean(0), np.zeros(5)])
+  np.testing.assert_allclose(temporal.masked_frame_mean(frames, mask), want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(temporal.masked_frame_mean(frames, None), frames.mean(1), rtol=1e-6)
+
+
+def _aggregator(mode, num_frames=4):
+  module = temporal.TemporalAggregator(mode, num_frames, layers=1, heads=2)
+  frames = jax.random.normal(jax.random.key(0), (2, num_frames, 8))
+  return module, module.init(jax.random.key(1), frames), frames
+
+
+def test_mean_aggregation_has_no_parameters_and_ignores_frame_order():
+  module, params, frames = _aggregator("mean")
+  assert not jax.tree.leaves(params)
+  reversed_frames = frames[:, ::-1]
+  np.testing.assert_allclose(module.apply(params, reversed_frames), module.apply(params, frames),
+                             rtol=1e-6)
+
+
+def test_transformer_aggregation_sees_frame_order_and_ignores_masked_frames():
+  module, params, frames = _aggregator("transformer")
+  assert params["params"]["frame_pos_embed"].shape == (1, 4, 8)
+  out = module.apply(params, frames)
+  assert out.shape == (2, 8)
+  assert np.abs(np.asarray(module.apply(params, frames[:, ::-1]) - out)).max() > 1e-4
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+  changed = frames.at[0, 3].set(100.0).at[1, 2:].set(-50.0)
+  np.testing.assert_allclose(module.apply(params, changed, mask), module.apply(params, frames, mask),
+                             atol=1e-5)
+
+
+def test_aggregation_checks_the_frame_count_and_the_mode():
+  module, params, frames = _aggregator("transformer")
+  with pytest.raises(ValueError, match="built for 4 frames per clip, got 3"):
+    module.apply(params, frames[:, :3])
+  with pytest.raises(ValueError, match="temporal_agg must be one of"):
+    temporal.TemporalAggregator("max", 4).init(jax.random.key(0), frames)
+
+
+@pytest.mark.parametrize("use_wst", [False, True])
+def test_a_clip_of_one_repeated_frame_embeds_like_that_image_with_mean_aggregation(use_wst):
+  config = tiny_config(**{"model.num_frames": 3, "model.use_wst": use_wst,
+                          "model.wst_layers": 1})
+  model = cots_model.CotsModel.from_config(config)
+  size = config.model.image.image_size
+  image = jax.random.uniform(jax.random.key(0), (2, size, size, 3), minval=-1, maxval=1)
+  video = jnp.repeat(image[:, None], 3, axis=1)
+  params = model.init(jax.random.key(1), video, jnp.ones((2, 6), jnp.int32),
+                      jnp.ones((2, 6), jnp.int32))["params"]
+  assert "temporal" not in params
+  clip_embed, clip_global = model.apply({"params": params}, video, method=model.video_embedding)
+  image_embed, image_global = model.apply({"params": params}, image,
+                                          method=model.image_embedding)
+  np.testing.assert_allclose(clip_embed, image_embed, atol=1e-5)
+  np.testing.assert_allclose(clip_global, image_global, atol=1e-5)
+
+
+def test_transformer_aggregation_parameters_exist_for_video_input_only():
+  config = tiny_config(**{"model.num_frames": 3, "model.temporal_agg": "transformer",
+                          "model.temporal_layers": 1})
+  model = cots_model.CotsModel.from_config(config)
+  size, text = config.model.image.image_size, jnp.ones((1, 6), jnp.int32)
+  video_params = model.init(jax.random.key(1), jnp.zeros((1, 3, size, size, 3)), text,
+                            text)["params"]
+  image_params = model.init(jax.random.key(1), jnp.zeros((1, size, size, 3)), text, text)["params"]
+  width = config.model.image.width
+  assert video_params["temporal"]["frame_pos_embed"].shape == (1, 3, width)
+  assert "temporal" not in image_params
+  video = jax.random.uniform(jax.random.key(2), (2, 3, size, size, 3))
+  embed, _ = model.apply({"params": video_params}, video, method=model.video_embedding)
+  np.testing.assert_allclose(np.linalg.norm(embed, axis=-1), 1.0, rtol=1e-5)
+  reordered, _ = model.apply({"params": video_params}, video[:, ::-1],
+                             method=model.video_embedding)
+  assert np.abs(np.asarray(embed - reordered)).max() > 1e-5
