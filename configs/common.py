@@ -247,9 +247,18 @@ def base_config(size="tiny"):
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
   c.input.prefetch = 2  # batches read ahead by threads; 0 = synchronous
   c.input.data = ml_collections.ConfigDict()
-  c.input.data.name = "synthetic"  # synthetic | captions_json | tfds
+  # synthetic | captions_json | tfds; video: synthetic_video | msrvtt | frames_folder
+  c.input.data.name = "synthetic"
   c.input.data.num_train_images = 20_000  # synthetic only
   c.input.data.num_eval_images = 500  # synthetic only
+  # synthetic_video: frames rendered per clip (model.num_frames are sampled); 0 = model.num_frames,
+  # which keeps a clip and its opposite-direction twin exact reversals at the model's input.
+  c.input.data.clip_frames = 0
+  # msrvtt / frames_folder: MSRVTT_data.json in `annotations`, the video files (or one folder of
+  # frames per video) in `videos_dir`; `test_list` = the 1k-A csv ("" = MSR-VTT's own splits).
+  c.input.data.videos_dir = ""
+  c.input.data.test_list = ""
+  c.input.data.video_extension = ".mp4"
   # captions_json: Karpathy-style json + image folder (Flickr8k / Flickr30k / COCO).
   c.input.data.annotations = ""
   c.input.data.images_dir = ""

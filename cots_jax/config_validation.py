@@ -24,7 +24,8 @@ CHOICES = {
     "input.mvm_mask": ("block", "random"),
     "input.augment": ("none", "crop_flip"),
     "input.on_bad_example": ("skip", "fail"),
-    "input.data.name": ("synthetic", "captions_json", "tfds"),
+    "input.data.name": ("synthetic", "captions_json", "tfds", "synthetic_video", "msrvtt",
+                        "frames_folder"),
 }
 POSITIVE_INTS = (
     "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
@@ -40,14 +41,17 @@ NON_NEGATIVE = (
     "eval_every", "checkpoint_every", "vq.steps", "loss.itc", "loss.mlm", "loss.mvm",
     "loss.kl_align", "loss.cookie_cm", "loss.cookie_vv", "loss.cookie_tt", "model.wst_width",
     "model.wst_heads", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
-    "input.num_workers", "input.prefetch", "amf.warmup_steps",
+    "input.num_workers", "input.prefetch", "amf.warmup_steps", "input.data.clip_frames",
 )
 UNIT_INTERVAL = ("loss.itc_alpha", "momentum.decay", "momentum.final_decay", "amf.beta",
                  "input.mlm_prob", "input.mvm_prob", "input.flip_prob", "input.view_flip_prob",
                  "vq.ema_decay", "model.wst_dropout")
 OBJECTIVES = ("itc", "mlm", "mvm", "kl_align", "cookie_cm", "cookie_vv", "cookie_tt")
 # Fields a data source cannot do without.
-REQUIRED_DATA_FIELDS = {"captions_json": ("annotations", "images_dir"), "tfds": ("tfds_name",)}
+REQUIRED_DATA_FIELDS = {"captions_json": ("annotations", "images_dir"), "tfds": ("tfds_name",),
+                        "msrvtt": ("annotations", "videos_dir"),
+                        "frames_folder": ("annotations", "videos_dir")}
+VIDEO_DATA = ("synthetic_video", "msrvtt", "frames_folder")
 
 
 def _get(config, dotted):
@@ -158,6 +162,15 @@ def _validate_input(config):
   for field in REQUIRED_DATA_FIELDS.get(data.name, ()):
     if not data[field]:
       _fail(f"input.data.{field}", data[field], f"must be set for input.data.name={data.name!r}")
+  if data.name in VIDEO_DATA:
+    for field, why in (("loss.mvm", "masked vision modelling of video is not built"),
+                       ("loss.cookie_vv", "the image-image term needs images")):
+      if _get(config, field) > 0:
+        _fail(field, _get(config, field), f"must be 0 with video data ({why})")
+  if data.name == "synthetic_video" and config.input.augment == "crop_flip" and (
+      config.input.flip_prob > 0):
+    _fail("input.flip_prob", config.input.flip_prob, "must be 0 for synthetic_video: a mirrored "
+          "clip moves the other way than its captions say")
   for field in ("crop_scale", "view_crop_scale"):
     low, high = config.input[field]
     if not 0 < low <= high <= 1:

@@ -73,11 +73,13 @@ def make_optimizer(config):
 
 
 def init_params(config, model, rng):
-  """Fresh online parameters: the towers and heads of `model`, plus `temp` when learnable."""
+  """Fresh online parameters: the towers and heads of `model` (with the temporal aggregation for
+  video data), plus `temp` when learnable."""
   image_size = config.model.image.image_size
   num_patches = (image_size // config.model.image.patch_size) ** 2
+  frames = (config.model.num_frames,) if pipeline.is_video(config) else ()
   params = model.init(
-      rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+      rng, jnp.zeros((1, *frames, image_size, image_size, 3), jnp.float32),
       jnp.zeros((1, config.input.max_len), jnp.int32),
       jnp.ones((1, config.input.max_len), jnp.int32),
       jnp.zeros((1, num_patches), bool))["params"]
@@ -212,7 +214,8 @@ def make_update_fn(config, model, optimizer):
   def encode(params, batch, rng=None):
     """Clean forward of both towers -> (v [B,E], t [B,E], image global [B,Di], text global [B,Dt])."""
     rng_image, rng_text = jax.random.split(rng) if rng is not None else (None, None)
-    v, img_global = apply(params, model.image_embedding, batch["image"], rng=rng_image)
+    v, img_global = apply(params, model.visual_embedding, pipeline.visual_input(batch),
+                          rng=rng_image)
     t, txt_global = apply(params, model.text_embedding, batch["text_ids"], batch["text_mask"],
                           rng=rng_text)
     return v, t, img_global, txt_global
@@ -360,13 +363,14 @@ def make_embed_fns(model, mesh):
   every process gets all b of them while each example is embedded once.
 
   Returns:
-    (embed_images(params, image [b, H, W, 3]), embed_texts(params, text_ids, text_mask [b, L])).
+    (embed_images(params, image [b, H, W, 3] or clips [b, T, H, W, 3]), embed_texts(params,
+    text_ids, text_mask [b, L])).
   """
   rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   @functools.partial(jax.jit, out_shardings=whole)
   def image_fn(params, image):
-    return model.apply({"params": params}, image, method=model.image_embedding)[0]
+    return model.apply({"params": params}, image, method=model.visual_embedding)[0]
 
   @functools.partial(jax.jit, out_shardings=whole)
   def text_fn(params, text_ids, text_mask):
@@ -396,8 +400,8 @@ ENCODER_SUFFIXES = (("", "params"), ("_momentum", "params_ema"))
 def make_evaluators(config, split):
   """Every run's evaluators as {name: run(embed_image_fn, embed_text_fn) -> metric dict}:
   image-text retrieval (design §4.1) and COOKIE's unimodal tasks (method §2.1), image instance
-  retrieval and text matching; text matching is left out, with a warning, when no eval image
-  has two captions.
+  retrieval (images only) and text matching; text matching is left out, with a warning, when no
+  eval image has two captions. For video, "retrieval" is video <-> text (i2t = video-to-text).
 
   Args:
     config: the run's ConfigDict (`eval.ks`, `eval.chunk`).
@@ -405,9 +409,10 @@ def make_evaluators(config, split):
   """
   common = dict(ks=tuple(config.eval.ks), chunk=config.eval.chunk)
   cross_modal = retrieval.RetrievalEvaluator("retrieval", split, **common)
-  instance = retrieval.ImageInstanceEvaluator("image_instance", split, **common)
-  evaluators = {"retrieval": cross_modal.run,
-                "image_instance": lambda embed_image_fn, _: instance.run(embed_image_fn)}
+  evaluators = {"retrieval": cross_modal.run}
+  if not pipeline.is_video(config):
+    instance = retrieval.ImageInstanceEvaluator("image_instance", split, **common)
+    evaluators["image_instance"] = lambda embed_image_fn, _: instance.run(embed_image_fn)
   try:
     matching = retrieval.TextMatchingEvaluator("text_matching", split, **common)
     evaluators["text_matching"] = lambda _, embed_text_fn: matching.run(embed_text_fn)
@@ -429,7 +434,7 @@ def run_evals(evaluators, embed_fns, state):
   results = {}
   for suffix, key in ENCODER_SUFFIXES:
     params = state[key]
-    image_fn = lambda b, p=params: embed_images(p, b["image"])  # noqa: E731
+    image_fn = lambda b, p=params: embed_images(p, pipeline.visual_input(b))  # noqa: E731
     text_fn = lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"])  # noqa: E731
     for name, run in evaluators.items():
       metrics = run(image_fn, text_fn)

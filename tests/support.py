@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import av
 import jax
 import pytest
 
@@ -47,6 +48,17 @@ def build(config):
   iterator = pipeline.make_train_iterator(config)
   batches = [next(iterator) for _ in range(3)]
   return state, train.make_update_fn(config, model, optimizer), batches
+
+
+def write_video(path, frames):
+  """Encodes uint8 [n, H, W, 3] RGB frames as H.264 (yuv420p, 12 fps) into `path`'s container
+  (PyAV; the suffix picks the container)."""
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=12)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode(None))
 
 
 def tiny_flags(**overrides):

@@ -28,8 +28,10 @@ import numpy as np
 from cots_jax.data import masking
 from cots_jax.data import sources
 from cots_jax.data import synthetic
+from cots_jax.data import synthetic_video
 from cots_jax.data import tokenizer as tokenizer_lib
 from cots_jax.data import transforms
+from cots_jax.data import video
 
 # Bad examples named in warnings (per iterator or eval split); later ones are only counted.
 WARN_FIRST = 5
@@ -37,13 +39,39 @@ WARN_FIRST = 5
 MAX_BAD_IN_A_ROW = 1000
 
 
+# Sources whose items hold a clip (`video`) instead of an image (cots_jax/data/video.py).
+VIDEO_SOURCES = ("synthetic_video", "msrvtt", "frames_folder")
+
+
+def is_video(config):
+  """True when config.input.data names a video source: batches then carry `video`
+  [B, T, H, W, 3] with T = config.model.num_frames instead of `image`."""
+  return config.input.data.name in VIDEO_SOURCES
+
+
+def visual_input(batch):
+  """The batch's `video` when it has one, else its `image`."""
+  return batch["video"] if "video" in batch else batch["image"]
+
+
 def make_source(config, split_kind):
   """The source of `split_kind` ("train" | "eval") named by `config.input.data.name`."""
   data = config.input.data
+  train = split_kind == "train"
+  count = data.num_train_images if train else data.num_eval_images
   if data.name == "synthetic":
-    num_images = data.num_train_images if split_kind == "train" else data.num_eval_images
-    return synthetic.SyntheticCaptions(num_images, split_kind, config.seed,
+    return synthetic.SyntheticCaptions(count, split_kind, config.seed,
                                        config.model.image.image_size)
+  if data.name == "synthetic_video":
+    return synthetic_video.SyntheticVideos(count, split_kind, config.seed,
+                                           config.model.image.image_size,
+                                           data.clip_frames or config.model.num_frames)
+  if data.name == "msrvtt":
+      return video.MsrVttSource(data.annotations, data.videos_dir, split_kind, data.test_list,
+                              data.video_extension)
+  if data.name == "frames_folder":
+    return video.FramesFolderSource(data.annotations, data.videos_dir, split_kind,
+                                    data.test_list)
   return sources.make_source(data, split_kind)
 
 
@@ -114,6 +142,18 @@ class ImageTransform:
     """-> float32 [size, size, 3] in [-1, 1]; see `pixels`."""
     return transforms.to_unit_range(self.pixels(image, name, rng))
 
+  def clip_pixels(self, clip, name, num_frames, rng=None):
+    """`num_frames` frames of a clip (video.py's clip contract) -> uint8 [T, size, size, 3].
+
+    The frames are sampled by `video.sample_frame_indices` (a random frame of each segment with
+    `rng`, the segment centres without) and all get the same augmentation (one crop and flip
+    draw for the whole clip). Raises BadExampleError(name, reason) for an unreadable clip.
+    """
+    frames = clip.read(video.sample_frame_indices(clip.num_frames, num_frames, rng))
+    seed = None if rng is None else int(rng.integers(2**63))
+    return np.stack([self.pixels(frame, name, None if seed is None else np.random.default_rng(seed))
+                     for frame in frames])
+
 
 def _pick_caption(item, caption_index, rng):
   """Caption `caption_index` of a source item (-1: one drawn with `rng`); BadExampleError when
@@ -143,6 +183,7 @@ class _MakePair:
   pairs: np.ndarray
   image_transform: ImageTransform
   view_transform: ImageTransform | None
+  num_frames: int  # > 0: the source holds clips, and the pair `video` [T, H, W, 3]
   tokenizer: Any
   special_ids: tuple[int, ...]
   max_len: int
@@ -159,8 +200,12 @@ class _MakePair:
     try:
       item = self.source[int(image_index)]
       caption = _pick_caption(item, caption_index, rng)
-      pixels = transforms.decode_image(item["image"], item["name"])
-      image = self.image_transform(pixels, item["name"], rng)
+      if self.num_frames:
+        visual = {"video": transforms.to_unit_range(self.image_transform.clip_pixels(
+            item["video"], item["name"], self.num_frames, rng))}
+      else:
+        pixels = transforms.decode_image(item["image"], item["name"])
+        visual = {"image": self.image_transform(pixels, item["name"], rng)}
     except transforms.BadExampleError as error:
       return _bad(error, self.on_bad_example)
     ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
@@ -168,7 +213,7 @@ class _MakePair:
                            len(self.tokenizer), self.special_ids, self.tokenizer.mask_token_id)
     mvm = masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches, self.mvm_mode,
                            self.mvm_min_block)
-    pair = {"image": image, "text_ids": ids[0], "text_mask": mask[0],
+    pair = {**visual, "text_ids": ids[0], "text_mask": mask[0],
             "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
     if self.view_transform is not None:
       # Drawn last, so turning the view on leaves every other field of the pair as it was.
@@ -260,7 +305,9 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   [-1, 1]; text_ids, text_mask, mlm_ids int32 [B, L]; image_id int32 [B]; mlm_positions,
   mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N]; skipped int32 [B]
   (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
-  N = patches per image. With input.second_view, also image_view float32 [B, H, W, 3] in
+  N = patches per image. A video source (`is_video`) gives `video` float32 [B, T, H, W, 3] (T =
+  model.num_frames, sampled by `ImageTransform.clip_pixels`) instead of `image`. With
+  input.second_view, also image_view float32 [B, H, W, 3] in
   [-1, 1]: a second view of the same decoded image, random-resized crop (area fraction in
   input.view_crop_scale) + flip (input.view_flip_prob), drawn with the pair's own rng after
   everything else, so it is as deterministic and resumable as the rest and leaves the other
@@ -278,6 +325,7 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   make_pair = _MakePair(
       source=source, pairs=pairs, image_transform=ImageTransform.for_training(config),
       view_transform=ImageTransform.for_views(config) if inp.second_view else None,
+      num_frames=config.model.num_frames if is_video(config) else 0,
       tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
       max_len=inp.max_len, mlm_prob=inp.mlm_prob,
       max_predictions=masking.num_mlm_predictions(inp.mlm_prob, inp.max_len),
@@ -327,7 +375,8 @@ class EvalSplit:
   224 px: 150 MB). An image that does not decode and a blank caption are left out of the
   gallery (or stop the run when `on_bad_example` is "fail"); `num_skipped` counts them.
   `view_transform` (an ImageTransform) makes the augmented views of `view_batches` from those
-  kept images.
+  kept images. With `num_frames` > 0 the source holds clips: each keeps its `num_frames` segment-
+  centre frames, and the batches carry `video` [b, T, H, W, 3] instead of `image`.
 
   Attributes:
     num_images, num_texts: gallery sizes.
@@ -337,16 +386,18 @@ class EvalSplit:
   """
 
   def __init__(self, source, tokenizer, max_len, batch_size, image_size,
-               on_bad_example="skip", *, view_transform):
+               on_bad_example="skip", *, view_transform, num_frames=0):
     self._batch_size = batch_size
     self._view_transform = view_transform
+    self._visual_key = "video" if num_frames else "image"
     transform = ImageTransform(image_size)
     log = BadExampleLog("eval split")
     images, self.captions, txt2img = [], [], []
     for index in range(len(source)):
       try:
         item = source[index]
-        images.append(transform.pixels(item["image"], item["name"]))
+        images.append(transform.clip_pixels(item["video"], item["name"], num_frames)
+                      if num_frames else transform.pixels(item["image"], item["name"]))
       except transforms.BadExampleError as error:
         log.add(_bad(error, on_bad_example)["bad_example"])
         continue
@@ -367,14 +418,19 @@ class EvalSplit:
     self._text_ids, self._text_mask = tokenizer_lib.tokenize(tokenizer, self.captions, max_len)
 
   def image_batches(self):
-    """Yields {"image": float32 [b, H, W, 3] in [-1, 1], "valid": bool [b]}."""
+    """Yields {"image": float32 [b, H, W, 3] in [-1, 1] (clips: "video" [b, T, H, W, 3]),
+    "valid": bool [b]}."""
     return _padded_batches(self.num_images, self._batch_size,
-                           lambda i: {"image": transforms.to_unit_range(self._images[i])})
+                           lambda i: {self._visual_key: transforms.to_unit_range(self._images[i])})
 
   def view_batches(self, seed):
     """Yields {"image": float32 [b, H, W, 3] in [-1, 1], "valid": bool [b]}: an augmented view
     of every image, in the order of `image_batches`. Image i is drawn with the generator
-    np.random.default_rng((seed, i)), so a seed fixes the views and two seeds differ."""
+    np.random.default_rng((seed, i)), so a seed fixes the views and two seeds differ. Images
+    only: ValueError for clips."""
+    if self._visual_key != "image":
+      raise ValueError("view_batches: the eval split holds video clips, not images")
+
     def views(indices):
       return {"image": np.stack([
           self._view_transform(self._images[i], f"eval image {i}",
@@ -395,4 +451,5 @@ def make_eval_split(config, batch_size=None):
   return EvalSplit(make_source(config, "eval"),
                    tokenizer_lib.load_tokenizer(config.input.tokenizer), config.input.max_len,
                    batch_size or config.eval.batch_size, config.model.image.image_size,
-                   config.input.on_bad_example, view_transform=ImageTransform.for_views(config))
+                   config.input.on_bad_example, view_transform=ImageTransform.for_views(config),
+                   num_frames=config.model.num_frames if is_video(config) else 0)

@@ -215,6 +215,12 @@ class CotsModel(nn.Module):
     tokens = self.encode_image(image, None, train)
     return self.embed_image(self.image_head_input(tokens, train)), self.image_global(tokens)
 
+  def visual_embedding(self, visual, train=False):
+    """`image_embedding` of images `[B, H, W, 3]`, `video_embedding` of clips `[B, T, H, W, 3]`."""
+    if visual.ndim == 5:
+      return self.video_embedding(visual, train)
+    return self.image_embedding(visual, train)
+
   def video_embedding(self, video, train=False, frame_mask=None):
     """video `[B, T, H, W, 3]` (frame_mask `[B, T]`, 1 = real frame, or None) -> (L2-normalised
     embedding `[B, E]`, clip global vector `[B, Di]`: the mean of the frames' tower vectors).

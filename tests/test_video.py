@@ -1,0 +1,127 @@
+"""Video through the pipeline and the trainer: clip batches, the eval split of clips, and
+video runs end to end on the synthetic clips and on an MSR-VTT layout the test writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import video_retrieval
+from cots_jax import config_validation
+from cots_jax import train
+from cots_jax.data import pipeline
+from cots_jax.data import video
+from support import tiny_config, write_video
+
+VIDEO_TINY = {"input.batch_size": 8, "queue.size": 32, "total_steps": 6, "log_every": 3,
+              "checkpoint_every": 0, "model.num_frames": 3, "input.data.num_train_images": 24,
+              "input.data.num_eval_images": 12}
+
+
+def video_config(arg="runlocal", **overrides):
+  """configs/video_retrieval.py with the suite's tiny towers and 3 frames per clip."""
+  return tiny_config(video_retrieval.get_config(arg), **{**VIDEO_TINY, **overrides})
+
+
+def test_training_batches_carry_clips_instead_of_images():
+  config = video_config()
+  batch = next(pipeline.make_train_iterator(config))
+  size = config.model.image.image_size
+  assert "image" not in batch and batch["video"].shape == (8, 3, size, size, 3)
+  assert batch["video"].dtype == np.float32
+  assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+  # Consecutive frames of a moving object differ (the clip is a clip, not one frame repeated).
+  assert np.abs(batch["video"][:, 0] - batch["video"][:, -1]).max() > 0.1
+  assert batch["text_ids"].shape == (8, config.input.max_len)
+
+
+def test_a_clip_gets_one_augmentation_for_all_its_frames():
+  still = np.random.default_rng(0).integers(0, 255, (1, 40, 40, 3), dtype=np.uint8)
+  clip = video.ArrayClip(np.repeat(still, 6, axis=0), "still")
+  transform = pipeline.ImageTransform(24, "crop_flip", (0.3, 0.6), 0.5)
+  frames = transform.clip_pixels(clip, "still", 4, np.random.default_rng(1))
+  assert frames.shape == (4, 24, 24, 3)
+  assert all(np.array_equal(frame, frames[0]) for frame in frames)
+  other = transform.clip_pixels(clip, "still", 4, np.random.default_rng(2))
+  assert not np.array_equal(other[0], frames[0])  # another draw, another crop
+  # Eval (no rng): the segment centres, resized and centre-cropped.
+  numbered = video.ArrayClip(np.arange(8, dtype=np.uint8)[:, None, None, None]
+                             * np.ones((1, 24, 24, 3), np.uint8), "numbered")
+  centres = pipeline.ImageTransform(24).clip_pixels(numbered, "numbered", 4)
+  np.testing.assert_array_equal(centres[:, 0, 0, 0], [1, 3, 5, 7])
+
+
+def test_the_eval_split_of_clips_yields_video_batches_and_no_image_views():
+  config = video_config()
+  split = pipeline.make_eval_split(config, batch_size=5)
+  batches = list(split.image_batches())
+  assert [b["video"].shape[:2] for b in batches] == [(5, 3), (5, 3), (5, 3)]
+  assert sum(int(b["valid"].sum()) for b in batches) == split.num_images == 12
+  with pytest.raises(ValueError, match="holds video clips, not images"):
+    next(split.view_batches(0))
+  assert set(train.make_evaluators(config, split)) == {"retrieval", "text_matching"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss.mvm": 0.1}, r"config.loss.mvm=0.1 must be 0 with video data"),
+    ({"input.augment": "crop_flip"}, r"config.input.flip_prob=0.5 must be 0 for synthetic_video"),
+])
+def test_video_config_checks(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config_validation.validate(video_config(**overrides))
+
+
+def test_video_config_variants():
+  for arg in ("", "runlocal", "agg=transformer", "model=base"):
+    config_validation.validate(video_retrieval.get_config(arg))
+  assert video_retrieval.get_config("model=base").model.num_frames == 8
+  assert video_retrieval.get_config("data=msrvtt").input.data.name == "msrvtt"
+  with pytest.raises(ValueError, match="config arg agg='max' is unknown"):
+    video_retrieval.get_config("agg=max")
+
+
+def test_a_synthetic_video_run_with_the_temporal_transformer_trains_and_evaluates(tmp_path):
+  """(The MSR-VTT run below takes the mean aggregation.)"""
+  config = video_config("runlocal,agg=transformer", **{"model.temporal_layers": 1})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  for key in ("eval/retrieval/t2i_r1", "eval/retrieval_momentum/i2t_r10",
+              "eval/text_matching/r1"):
+    assert np.isfinite(results[key]), key
+  assert not any("image_instance" in key for key in results)
+
+
+def _msrvtt_layout(root, num_videos=6):
+  """An MSR-VTT folder: num_videos short H.264 clips of a square moving across a flat colour,
+  MSRVTT_data.json (train / validate / test splits) and a 1k-A style test list of 2 videos."""
+  (root / "videos").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  videos, sentences = [], []
+  for number in range(num_videos):
+    frames = np.full((10, 32, 32, 3), rng.integers(0, 255, 3), np.uint8)
+    for t in range(10):
+      frames[t, 12:20, 2 + 2 * t:10 + 2 * t] = 255
+    write_video(root / "videos" / f"video{number}.mp4", frames)
+    split = ("train", "validate", "test")[number % 3]
+    videos.append({"video_id": f"video{number}", "split": split})
+    sentences += [{"video_id": f"video{number}", "caption": f"clip {number} caption {k}"}
+                  for k in range(2)]
+  (root / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
+  (root / "test.csv").write_text("key,vid_key,video_id,sentence\n"
+                                 "ret0,msr2,video2,a square moves right\n"
+                                 "ret1,msr5,video5,a white square slides\n")
+  return root
+
+
+def test_an_msrvtt_layout_runs_end_to_end(tmp_path):
+  root = _msrvtt_layout(tmp_path / "msrvtt")
+  config = video_config("runlocal,data=msrvtt", **{
+      "input.data.annotations": str(root / "MSRVTT_data.json"),
+      "input.data.videos_dir": str(root / "videos"), "input.data.test_list": str(root / "test.csv"),
+      "input.batch_size": 2, "queue.size": 8, "eval.batch_size": 2})
+  config_validation.validate(config)
+  assert len(pipeline.make_source(config, "train")) == 4
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(results["eval/retrieval/t2i_r1"])
+  # 2 test videos with one caption each: no text matching, and t2i R@10 finds every clip.
+  assert results["eval/retrieval/t2i_r10"] == 100.0
+  assert not any("text_matching" in key for key in results)
