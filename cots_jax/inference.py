@@ -133,14 +133,16 @@ def evaluate_checkpoint(config, workdir, step=None):
 
 
 def results_table(results, ks):
-  """Text tables: one row per evaluator; cross-modal ones (those with `i2t_r*`) with columns
-  R@k both ways, rsum and median ranks, then unimodal ones with R@k and the median rank."""
-  cross_modal = {name: m for name, m in results.items() if f"i2t_r{ks[0]}" in m}
-  unimodal = {name: m for name, m in results.items() if name not in cross_modal}
+  """Text tables: one per kind of evaluator, one row per evaluator: image-text (i2t / t2i),
+  video-text (v2t / t2v) with R@k both ways, rsum and median ranks, then unimodal ones with R@k
+  and the median rank."""
   tables = []
-  if cross_modal:
-    tables.append(_table(cross_modal, [f"i2t_r{k}" for k in ks] + [f"t2i_r{k}" for k in ks]
-                         + ["rsum", "i2t_medr", "t2i_medr"]))
+  for first, second in (("i2t", "t2i"), ("v2t", "t2v")):
+    rows = {name: m for name, m in results.items() if f"{first}_r{ks[0]}" in m}
+    if rows:
+      tables.append(_table(rows, [f"{first}_r{k}" for k in ks] + [f"{second}_r{k}" for k in ks]
+                           + ["rsum", f"{first}_medr", f"{second}_medr"]))
+  unimodal = {name: m for name, m in results.items() if f"r{ks[0]}" in m}
   if unimodal:
     tables.append(_table(unimodal, [f"r{k}" for k in ks] + ["medr"]))
   return "\n\n".join(tables)

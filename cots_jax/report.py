@@ -44,8 +44,8 @@ PICTURES_DIR = "report"  # Under the workdir, next to report.html.
 TOP_K = 5
 LOSS_NAMES = ("train/loss", "train/itc", "train/kl_align", "train/mlm", "train/mvm",
               "train/cookie_cm", "train/cookie_vv", "train/cookie_tt")
-# Cross-modal R@K (i2t_r1, t2i_r5, ...) and unimodal R@K (r1, ...: text matching, image instance).
-RECALL_PATTERN = re.compile(r"eval/(?P<evaluator>[^/]+)/(?:i2t_|t2i_)?r\d+")
+# Cross-modal R@K (i2t_r1, t2v_r5, ...) and unimodal R@K (r1, ...: text matching, image instance).
+RECALL_PATTERN = re.compile(r"eval/(?P<evaluator>[^/]+)/(?:(?:i2t|t2i|v2t|t2v)_)?r\d+")
 FRAME_PX, GAP_PX, LABEL_PX, MIN_TILE_PX = 4, 6, 30, 96
 TRUE_COLOUR = (0, 170, 0)
 

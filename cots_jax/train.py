@@ -401,14 +401,16 @@ def make_evaluators(config, split):
   """Every run's evaluators as {name: run(embed_image_fn, embed_text_fn) -> metric dict}:
   image-text retrieval (design §4.1) and COOKIE's unimodal tasks (method §2.1), image instance
   retrieval (images only) and text matching; text matching is left out, with a warning, when no
-  eval image has two captions. For video, "retrieval" is video <-> text (i2t = video-to-text).
+  eval image has two captions. For video, "retrieval" is video <-> text with `v2t_*`, `t2v_*`
+  keys instead of `i2t_*`, `t2i_*`.
 
   Args:
     config: the run's ConfigDict (`eval.ks`, `eval.chunk`).
     split: the `EvalSplit`.
   """
   common = dict(ks=tuple(config.eval.ks), chunk=config.eval.chunk)
-  cross_modal = retrieval.RetrievalEvaluator("retrieval", split, **common)
+  directions = ("v2t", "t2v") if pipeline.is_video(config) else ("i2t", "t2i")
+  cross_modal = retrieval.RetrievalEvaluator("retrieval", split, directions=directions, **common)
   evaluators = {"retrieval": cross_modal.run}
   if not pipeline.is_video(config):
     instance = retrieval.ImageInstanceEvaluator("image_instance", split, **common)
@@ -450,11 +452,13 @@ def _eval_summary(results):
     grouped.setdefault(name, {})[metric] = value
   parts = []
   for name, r in grouped.items():
-    if "i2t_r1" in r:
-      parts.append(f"{name}: i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f} "
-                   f"t2i R@1/5/10 {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}")
+    directions = sorted({key.split("_")[0] for key in r if key.endswith("_r1")})
+    if directions:  # cross-modal: i2t / t2i (or v2t / t2v) keys
+      recalls = [f"{d} R@1/5/10 {r[f'{d}_r1']:.1f}/{r[f'{d}_r5']:.1f}/{r[f'{d}_r10']:.1f}"
+                 for d in directions]
     else:
-      parts.append(f"{name}: R@1/5/10 {r['r1']:.1f}/{r['r5']:.1f}/{r['r10']:.1f}")
+      recalls = [f"R@1/5/10 {r['r1']:.1f}/{r['r5']:.1f}/{r['r10']:.1f}"]
+    parts.append(f"{name}: {' '.join(recalls)}")
   return "; ".join(parts)
 
 

@@ -114,6 +114,10 @@ def test_results_table_has_one_row_per_evaluator_and_every_column():
   table = inference.results_table({"retrieval": metrics, "text_matching": unimodal,
                                    "image_instance": unimodal}, (1, 5))
   cross_modal, unimodal_table = table.split("\n\n")
+  video = {key.replace("i2t", "v2t").replace("t2i", "t2v"): v for key, v in metrics.items()}
+  video_table = inference.results_table({"retrieval": video}, (1, 5)).splitlines()
+  assert video_table[0].split() == ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "rsum", "v2t_medr",
+                                    "t2v_medr"]
   assert [row.split()[0] for row in cross_modal.splitlines()[1:]] == ["retrieval"]
   header, *rows = unimodal_table.splitlines()
   assert header.split() == ["r1", "r5", "medr"]

@@ -43,7 +43,9 @@ def reference_metrics(sim, txt2img, ks):
   metrics["rsum"] = sum(metrics.values())
   metrics["r_mean"] = metrics["rsum"] / (2 * len(ks))
   metrics["i2t_medr"] = float(np.median(i2t))
+  metrics["i2t_meanr"] = float(np.mean(i2t))
   metrics["t2i_medr"] = float(np.median(t2i))
+  metrics["t2i_meanr"] = float(np.mean(t2i))
   return metrics
 
 
@@ -65,7 +67,7 @@ def test_hand_made_matrix_known_ranks():
   got = retrieval.retrieval_metrics(sim, txt2img, ks=(1, 3))
   want = {"i2t_r1": 200 / 3, "i2t_r3": 200 / 3, "t2i_r1": 50.0, "t2i_r3": 100.0,
           "rsum": 200 / 3 + 200 / 3 + 150.0, "r_mean": (400 / 3 + 150.0) / 4,
-          "i2t_medr": 1.0, "t2i_medr": 2.0}
+          "i2t_medr": 1.0, "i2t_meanr": 2.0, "t2i_medr": 2.0, "t2i_meanr": 2.0}
   assert_metrics_close(got, want)
   assert_metrics_close(got, reference_metrics(sim, txt2img, (1, 3)))
 
@@ -74,7 +76,7 @@ def test_default_ks_keys():
   sim = np.eye(12)
   got = retrieval.retrieval_metrics(sim, np.arange(12))
   assert list(got) == ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                       "rsum", "r_mean", "i2t_medr", "t2i_medr"]
+                       "rsum", "r_mean", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"]
   assert got["rsum"] == 600.0 and got["r_mean"] == 100.0
   assert got["i2t_medr"] == got["t2i_medr"] == 1.0
 
@@ -270,7 +272,13 @@ def test_evaluator_perfect_embeddings_score_100():
   evaluator = retrieval.RetrievalEvaluator("val", split, ks=(1, 5), chunk=3)
   got = evaluator.run(lambda b: eye[b["image"][:, 0]], lambda b: eye[b["text_ids"][:, 0]])
   assert got == {"i2t_r1": 100.0, "i2t_r5": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0,
-                 "rsum": 400.0, "r_mean": 100.0, "i2t_medr": 1.0, "t2i_medr": 1.0}
+                 "rsum": 400.0, "r_mean": 100.0, "i2t_medr": 1.0, "i2t_meanr": 1.0,
+                 "t2i_medr": 1.0, "t2i_meanr": 1.0}
+  video = retrieval.RetrievalEvaluator("val", split, ks=(1, 5), chunk=3, directions=("v2t", "t2v"))
+  renamed = video.run(lambda b: eye[b["image"][:, 0]], lambda b: eye[b["text_ids"][:, 0]])
+  assert list(renamed) == ["v2t_r1", "v2t_r5", "t2v_r1", "t2v_r5", "rsum", "r_mean", "v2t_medr",
+                           "v2t_meanr", "t2v_medr", "t2v_meanr"]
+  assert list(renamed.values()) == list(got.values())
 
 
 def test_evaluator_matches_reference_on_random_embeddings():
@@ -375,6 +383,7 @@ def reference_group_metrics(sim, query_groups, gallery_groups, ks, exclude_self=
                                 list(gallery_groups), exclude_self)
   metrics = {f"r{k}": 100.0 * sum(r <= k for r in ranks) / len(ranks) for k in ks}
   metrics["medr"] = float(np.median(ranks))
+  metrics["meanr"] = float(np.mean(ranks))
   return metrics
 
 
@@ -387,7 +396,7 @@ def test_group_metrics_hand_made_text_matching():
   # ahead -> 3.  3: own 0.8 (caption 4), caption 2 ties it -> 2.  4: own 0.8 (caption 3),
   # caption 2 scores 1.0 -> 2.
   got = retrieval.group_retrieval_metrics(emb, emb, groups, groups, ks=(1, 2), exclude_self=True)
-  assert got == {"r1": 0.0, "r2": 80.0, "medr": 2.0}
+  assert got == {"r1": 0.0, "r2": 80.0, "medr": 2.0, "meanr": 2.2}
   assert got == pytest.approx(reference_group_metrics(emb @ emb.T, groups, groups, (1, 2), True))
   # Without exclude_self each query is one of its own relevant items, and caption 5 counts too.
   assert retrieval.group_retrieval_metrics(emb, emb, groups, groups, ks=(1, 2)) == pytest.approx(
@@ -411,7 +420,7 @@ def test_group_metrics_match_reference_with_ties_and_every_chunk(seed, exclude_s
                                                  chunk=chunk, exclude_self=exclude_self)
                for chunk in (1, 3, 1000)]
     assert results[0] == results[1] == results[2]
-    assert list(results[0]) == ["r1", "r5", "r10", "medr"]
+    assert list(results[0]) == ["r1", "r5", "r10", "medr", "meanr"]
     for key, value in want.items():
       assert type(results[0][key]) is float and results[0][key] == pytest.approx(value), key
 
@@ -421,7 +430,7 @@ def test_group_metrics_all_equal_scores_give_the_worst_rank():
   emb = np.ones((20, 4))
   got = retrieval.group_retrieval_metrics(emb, emb, groups, groups, exclude_self=True, chunk=3)
   # Behind all 18 captions of the other images.
-  assert got == {"r1": 0.0, "r5": 0.0, "r10": 0.0, "medr": 19.0}
+  assert got == {"r1": 0.0, "r5": 0.0, "r10": 0.0, "medr": 19.0, "meanr": 19.0}
 
 
 def test_group_metrics_leave_out_queries_without_a_relevant_item():
@@ -432,7 +441,7 @@ def test_group_metrics_leave_out_queries_without_a_relevant_item():
   kept = reference_group_ranks(emb @ emb.T, groups, groups, exclude_self=True)
   assert len(kept) == 5
   assert got == pytest.approx({"r1": 100.0 * np.mean(kept <= 1), "r2": 100.0 * np.mean(kept <= 2),
-                               "medr": float(np.median(kept))})
+                               "medr": float(np.median(kept)), "meanr": float(np.mean(kept))})
 
 
 def test_group_metrics_with_image_and_text_groups_are_the_cross_modal_directions():
@@ -451,7 +460,7 @@ def test_group_metrics_nan_scores_never_rank_first():
   gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
   # Query 0 (group 0): its relevant item scores 1.0, first. Query 1: every score is NaN.
   got = retrieval.group_retrieval_metrics(query, gallery, [0, 0], [0, 1, 2], ks=(1,))
-  assert got == {"r1": 50.0, "medr": 2.0}
+  assert got == {"r1": 50.0, "medr": 2.0, "meanr": 2.0}
 
 
 @pytest.mark.parametrize("call, match", [

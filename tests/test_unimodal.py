@@ -26,7 +26,8 @@ def reference_ranks(sim, query_groups, gallery_groups, exclude_self):
 
 def reference_metrics(sim, query_groups, gallery_groups, ks, exclude_self=False):
   ranks = reference_ranks(sim, query_groups, gallery_groups, exclude_self)
-  return {**{f"r{k}": 100.0 * np.mean(ranks <= k) for k in ks}, "medr": float(np.median(ranks))}
+  return {**{f"r{k}": 100.0 * np.mean(ranks <= k) for k in ks}, "medr": float(np.median(ranks)),
+          "meanr": float(np.mean(ranks))}
 
 
 def batches_of_indices(n, batch_size, key):
@@ -71,7 +72,7 @@ def test_text_matching_one_hot_image_embeddings_score_100():
   txt2img = np.array([0, 0, 1, 1, 1, 2, 3, 3])  # image 2 has one caption: no query
   evaluator = retrieval.TextMatchingEvaluator("text_matching", text_split(txt2img), ks=(1, 5))
   got = evaluator.run(lookup(np.eye(4)[txt2img]))
-  assert got == {"r1": 100.0, "r5": 100.0, "medr": 1.0}
+  assert got == {"r1": 100.0, "r5": 100.0, "medr": 1.0, "meanr": 1.0}
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
@@ -135,7 +136,7 @@ def test_image_instance_on_a_synthetic_eval_split():
 
   split = pipeline.make_eval_split(config, batch_size=5)
   got = retrieval.ImageInstanceEvaluator("ii", split).run(unit_pixels)
-  assert got == {"r1": 100.0, "r5": 100.0, "r10": 100.0, "medr": 1.0}
+  assert got == {"r1": 100.0, "r5": 100.0, "r10": 100.0, "medr": 1.0, "meanr": 1.0}
 
   config.input.view_crop_scale = (0.3, 0.5)
   split = pipeline.make_eval_split(config, batch_size=5)

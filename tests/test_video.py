@@ -84,10 +84,10 @@ def test_a_synthetic_video_run_with_the_temporal_transformer_trains_and_evaluate
   """(The MSR-VTT run below takes the mean aggregation.)"""
   config = video_config("runlocal,agg=transformer", **{"model.temporal_layers": 1})
   results = train.train_and_evaluate(config, str(tmp_path))
-  for key in ("eval/retrieval/t2i_r1", "eval/retrieval_momentum/i2t_r10",
-              "eval/text_matching/r1"):
+  for key in ("eval/retrieval/t2v_r1", "eval/retrieval/v2t_meanr",
+              "eval/retrieval_momentum/v2t_r10", "eval/text_matching/r1"):
     assert np.isfinite(results[key]), key
-  assert not any("image_instance" in key for key in results)
+  assert not any("image_instance" in key or "i2t" in key for key in results)
 
 
 def _msrvtt_layout(root, num_videos=6):
@@ -121,7 +121,7 @@ def test_an_msrvtt_layout_runs_end_to_end(tmp_path):
   config_validation.validate(config)
   assert len(pipeline.make_source(config, "train")) == 4
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert np.isfinite(results["eval/retrieval/t2i_r1"])
-  # 2 test videos with one caption each: no text matching, and t2i R@10 finds every clip.
-  assert results["eval/retrieval/t2i_r10"] == 100.0
+  assert np.isfinite(results["eval/retrieval/t2v_medr"])
+  # 2 test videos with one caption each: no text matching, and t2v R@10 finds every clip.
+  assert results["eval/retrieval/t2v_r10"] == 100.0
   assert not any("text_matching" in key for key in results)

@@ -33,7 +33,7 @@ def retrieval_metrics(sim, txt2img, ks=(1, 5, 10)):
   Returns:
     dict of Python floats: `i2t_r{k}`, `t2i_r{k}` for each k (percent), `rsum` (sum of those),
     `r_mean` (their mean), `i2t_medr`, `t2i_medr` (median 1-based rank, np.median: the
-    mean of the middle two for an even count).
+    mean of the middle two for an even count), `i2t_meanr`, `t2i_meanr` (mean rank).
 
   Raises:
     ValueError on a shape mismatch, a txt2img entry out of range, or bad ks.
@@ -97,7 +97,7 @@ def group_retrieval_metrics(query_emb, gallery_emb, query_groups, gallery_groups
 
   Returns:
     dict of Python floats: `r{k}` for each k (percent of the ranked queries), `medr` (median
-    1-based rank, np.median).
+    1-based rank, np.median), `meanr` (mean rank).
 
   Raises:
     ValueError on shape mismatches, non-integer groups, n != m with exclude_self, bad ks or
@@ -217,15 +217,22 @@ class _SplitEvaluator:
 
 
 class RetrievalEvaluator(_SplitEvaluator):
-  """Image <-> text retrieval on one split.
+  """Image (or video) <-> text retrieval on one split.
 
-  `split` gives `image_batches()` (dicts with `image`, `valid`), `text_batches()` (dicts with
-  `text_ids`, `text_mask`, `valid`), `num_images` and `txt2img` ([n_texts] int, the image index
-  of each text, images counted in the order `image_batches` yields them).
+  `split` gives `image_batches()` (dicts with `image` or `video`, `valid`), `text_batches()`
+  (dicts with `text_ids`, `text_mask`, `valid`), `num_images` and `txt2img` ([n_texts] int, the
+  image index of each text, images counted in the order `image_batches` yields them).
+  `directions` names the two directions in the metric keys: ("i2t", "t2i"), or ("v2t", "t2v")
+  for video.
   """
 
+  def __init__(self, name, split, ks=(1, 5, 10), chunk=4096, directions=("i2t", "t2i")):
+    super().__init__(name, split, ks, chunk)
+    self.directions = tuple(directions)
+
   def run(self, embed_image_fn, embed_text_fn):
-    """Embeds the split and returns the `retrieval_metrics` dict.
+    """Embeds the split and returns the `retrieval_metrics` dict, with the keys' `i2t` / `t2i`
+    renamed to `directions`.
 
     Args:
       embed_image_fn: image batch dict -> [b, D] embeddings.
@@ -238,7 +245,14 @@ class RetrievalEvaluator(_SplitEvaluator):
     img_emb = self._embed(embed_image_fn, self.split.image_batches(), self.split.num_images,
                           "images")
     txt_emb = self._embed(embed_text_fn, self.split.text_batches(), txt2img.shape[0], "texts")
-    return retrieval_metrics_chunked(img_emb, txt_emb, txt2img, self.ks, self.chunk)
+    metrics = retrieval_metrics_chunked(img_emb, txt_emb, txt2img, self.ks, self.chunk)
+    names = dict(zip(("i2t", "t2i"), self.directions))
+
+    def renamed(key):
+      direction, _, rest = key.partition("_")
+      return f"{names[direction]}_{rest}" if direction in names else key
+
+    return {renamed(key): value for key, value in metrics.items()}
 
 
 class TextMatchingEvaluator(_SplitEvaluator):
@@ -320,7 +334,8 @@ def _cross_modal_metrics(i2t_block, t2i_block, n_images, n_texts, txt2img, ks, c
   metrics["rsum"] = float(sum(metrics.values()))
   metrics["r_mean"] = metrics["rsum"] / (2 * len(ks))
   for direction in ("i2t", "t2i"):
-    metrics[f"{direction}_medr"] = per_direction[direction]["medr"]
+    for rank in ("medr", "meanr"):
+      metrics[f"{direction}_{rank}"] = per_direction[direction][rank]
   return metrics
 
 
@@ -389,9 +404,11 @@ def _blocks(n_rows, n_cols, chunk):
 
 
 def _recalls(ranks, ks):
-  """int [n'] 1-based ranks -> {"r{k}": percent with rank <= k, "medr": median rank}."""
+  """int [n'] 1-based ranks -> {"r{k}": percent with rank <= k, "medr": median rank,
+  "meanr": mean rank}."""
   metrics = {f"r{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
   metrics["medr"] = float(np.median(ranks))
+  metrics["meanr"] = float(np.mean(ranks))
   return metrics
 
 
