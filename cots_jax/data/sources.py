@@ -23,13 +23,13 @@ from cots_jax.data.transforms import BadExampleError
 SOURCE_NAMES = ("captions_json", "tfds")
 
 
-def _check_index(index, length):
+def check_index(index, length):
   """IndexError unless 0 <= index < length (negative indices are not images)."""
   if not 0 <= index < length:
-    raise IndexError(f"image index {index} out of range [0, {length})")
+    raise IndexError(f"index {index} out of range [0, {length})")
 
 
-def _required(mapping, key, expected_type, where):
+def required_field(mapping, key, expected_type, where):
   """mapping[key], checked to be an `expected_type`; ValueError naming `where` and `key`."""
   if not isinstance(mapping, dict):
     raise ValueError(f"{where} should be a JSON object, got {type(mapping).__name__}")
@@ -60,12 +60,12 @@ def _load_images_list(path):
 
 def _parse_entry(entry, where):
   """(split, relative image path, captions) of one `images[i]` entry of a Karpathy json."""
-  filename = _required(entry, "filename", str, where)
-  split = _required(entry, "split", str, where)
+  filename = required_field(entry, "filename", str, where)
+  split = required_field(entry, "split", str, where)
   # COCO's Karpathy json keeps the image's subfolder ("val2014") in `filepath`.
-  subfolder = _required(entry, "filepath", str, where) if "filepath" in entry else ""
-  sentences = _required(entry, "sentences", list, where)
-  captions = [_required(sentence, "raw", str, f"{where}.sentences[{j}]")
+  subfolder = required_field(entry, "filepath", str, where) if "filepath" in entry else ""
+  sentences = required_field(entry, "sentences", list, where)
+  captions = [required_field(sentence, "raw", str, f"{where}.sentences[{j}]")
               for j, sentence in enumerate(sentences)]
   return split, os.path.join(subfolder, filename), captions
 
@@ -107,12 +107,12 @@ class CaptionsJson:
 
   def path(self, index):
     """File path of image `index` (not checked to exist)."""
-    _check_index(index, len(self))
+    check_index(index, len(self))
     return self._paths[index]
 
   def captions(self, index):
     """The captions of image `index` (a new list), without opening the image."""
-    _check_index(index, len(self))
+    check_index(index, len(self))
     return list(self._captions[index])
 
   def caption_counts(self):
@@ -126,11 +126,11 @@ class CaptionsJson:
       BadExampleError(path, reason) when the file is missing, empty or unreadable.
     """
     path = self.path(index)
-    return {"image": _read_image_file(path), "name": path, "captions": self.captions(index),
+    return {"image": read_image_file(path), "name": path, "captions": self.captions(index),
             "image_id": int(index)}
 
 
-def _read_image_file(path):
+def read_image_file(path):
   """The bytes of the file at `path`; BadExampleError(path, reason) when there are none."""
   try:
     with open(path, "rb") as f:
@@ -196,7 +196,7 @@ class TfdsCaptions:
     return f"{self.name}/{self.split}[{index}]"
 
   def _record(self, index):
-    _check_index(index, len(self))
+    check_index(index, len(self))
     return self._records()[int(index)]
 
   def _caption_texts(self, record, index):

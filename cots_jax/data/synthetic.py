@@ -43,16 +43,16 @@ _COUNT_PROBS = (0.1, 0.3, 0.6)
 _COUNT_CDF = np.cumsum(_COUNT_PROBS)
 _NUM_KINDS = np.array([len(COLOURS), len(SHAPES), len(SIZES)])
 # Object radius in image units (half the extent of its bounding box); a cell is 1/3 wide.
-_RADIUS = {"small": 0.065, "large": 0.125}
+RADIUS = {"small": 0.065, "large": 0.125}
 # Smallest gap between an object's bounding box and its cell border, in image units, so that
 # objects in neighbouring cells never touch.
 _CELL_MARGIN = 0.02
-_SHADE_RANGE = (0.85, 1.0)  # brightness factor of an object's colour
+SHADE_RANGE = (0.85, 1.0)  # brightness factor of an object's colour
 _BACKGROUND_GRAY = (25.0, 85.0)  # background end colours: a dark gray ...
 _BACKGROUND_TINT = 10.0  # ... plus a small per-channel tint (low saturation).
 _SUPERSAMPLE = 4  # antialiasing: shapes are drawn at 4x and box-filtered down.
 _NUM_SPLIT_BUCKETS = 4  # eval owns 1/4 of the scene space, train the rest.
-_SPLIT_IDS = {"train": 0, "eval": 1}
+SPLIT_IDS = {"train": 0, "eval": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,25 +96,25 @@ def _sample_layout(rng):
                for cell, (colour, shape, size) in zip(cells, kinds))
 
 
-def _uniform(low_high, u):
+def uniform_in(low_high, u):
   """Maps u in [0, 1) onto [low, high)."""
   return low_high[0] + (low_high[1] - low_high[0]) * u
 
 
-def _realise(layout, rng):
+def realise_layout(layout, rng):
   """The Scene of `layout`: draws each object's jitter in its cell, its shade and the background."""
   objects = []
   for (colour, shape, size, cell), (jx, jy, shade) in zip(layout, rng.random((len(layout), 3))):
-    radius = _RADIUS[size]
+    radius = RADIUS[size]
     row, col = divmod(CELLS.index(cell), 3)
     max_jitter = 1 / 6 - radius - _CELL_MARGIN
     objects.append(SceneObject(
         colour=colour, shape=shape, size=size, cell=cell,
         centre=(float((col + 0.5) / 3 + max_jitter * (2 * jx - 1)),
                 float((row + 0.5) / 3 + max_jitter * (2 * jy - 1))),
-        radius=radius, shade=float(_uniform(_SHADE_RANGE, shade))))
+        radius=radius, shade=float(uniform_in(SHADE_RANGE, shade))))
   gray, tint = rng.random((2, 1)), rng.random((2, 3))
-  ends = _uniform(_BACKGROUND_GRAY, gray) + _BACKGROUND_TINT * (2 * tint - 1)
+  ends = uniform_in(_BACKGROUND_GRAY, gray) + _BACKGROUND_TINT * (2 * tint - 1)
   return Scene(objects=tuple(objects),
                background=tuple(tuple(float(v) for v in end) for end in ends),
                gradient_angle=float(2 * math.pi * rng.random()))
@@ -122,7 +122,7 @@ def _realise(layout, rng):
 
 def sample_scene(rng):
   """Draws a scene of 1-3 objects in distinct cells, each jittered inside its cell."""
-  return _realise(_sample_layout(rng), rng)
+  return realise_layout(_sample_layout(rng), rng)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -191,7 +191,7 @@ _CENTER_PHRASES = ("in the center", "in the middle", "at the center")
 _COUNT_WORDS = ("one", "two", "three")
 
 
-def _pick(rng, options):
+def pick_one(rng, options):
   """One of `options`, uniformly."""
   return options[int(rng.random() * len(options))]
 
@@ -199,34 +199,34 @@ def _pick(rng, options):
 def _where(cell, rng):
   """A prepositional phrase for `cell`: "in the upper left corner", "on the right side" ..."""
   if cell == "center":
-    return _pick(rng, _CENTER_PHRASES)
+    return pick_one(rng, _CENTER_PHRASES)
   vertical, _, horizontal = cell.rpartition(" ")
   if vertical:  # a corner
-    v = _pick(rng, _VERTICAL_SYNONYMS[vertical])
-    return _pick(rng, (f"in the {v} {horizontal}", f"at the {v} {horizontal}",
+    v = pick_one(rng, _VERTICAL_SYNONYMS[vertical])
+    return pick_one(rng, (f"in the {v} {horizontal}", f"at the {v} {horizontal}",
                        f"in the {v} {horizontal} corner"))
   if cell in ("top", "bottom"):
-    return _pick(rng, (f"at the {cell}", f"near the {cell}", f"along the {cell} edge"))
-  return _pick(rng, (f"on the {cell}", f"at the {cell}", f"on the {cell} side"))
+    return pick_one(rng, (f"at the {cell}", f"near the {cell}", f"along the {cell} edge"))
+  return pick_one(rng, (f"on the {cell}", f"at the {cell}", f"on the {cell} side"))
 
 
 def _place_name(cell, rng):
   """A bare name of `cell`: "upper left", "middle", "right" ..."""
   if cell == "center":
-    return _pick(rng, ("center", "middle"))
+    return pick_one(rng, ("center", "middle"))
   vertical, _, horizontal = cell.rpartition(" ")
   if vertical:
-    return f"{_pick(rng, _VERTICAL_SYNONYMS[vertical])} {horizontal}"
+    return f"{pick_one(rng, _VERTICAL_SYNONYMS[vertical])} {horizontal}"
   return cell
 
 
-def _noun(obj, rng, with_size=True):
+def noun_phrase(obj, rng, with_size=True):
   """ "big red circle" (or "red circle" without the size)."""
-  words = [_pick(rng, _SIZE_WORDS[obj.size])] if with_size else []
+  words = [pick_one(rng, _SIZE_WORDS[obj.size])] if with_size else []
   return " ".join(words + [obj.colour, obj.shape])
 
 
-def _a(phrase):
+def with_article(phrase):
   """ "a red circle", "an orange cross"."""
   return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -238,13 +238,13 @@ def _join(clauses):
 
 def _count_phrase(n, rng):
   """ "one shape", "three objects" ..."""
-  noun = _pick(rng, ("shape", "object"))
+  noun = pick_one(rng, ("shape", "object"))
   return f"{_COUNT_WORDS[n - 1]} {noun}{'s' if n > 1 else ''}"
 
 
 def _list_caption(objs, rng):
   """ "a big red circle in the top left and a small blue cross on the right"."""
-  return _join([f"{_a(_noun(o, rng))} {_where(o.cell, rng)}" for o in objs])
+  return _join([f"{with_article(noun_phrase(o, rng))} {_where(o.cell, rng)}" for o in objs])
 
 
 def _counted_caption(objs, rng):
@@ -255,25 +255,25 @@ def _counted_caption(objs, rng):
 def _there_is_caption(objs, rng):
   """ "there is a big red circle in the top left; a small blue cross sits on the right"."""
   first, rest = objs[0], objs[1:]
-  clauses = [f"there is {_a(_noun(first, rng))} {_where(first.cell, rng)}"]
-  clauses += [f"{_a(_noun(o, rng))} {_pick(rng, ('sits', 'is', 'lies'))} {_where(o.cell, rng)}"
+  clauses = [f"there is {with_article(noun_phrase(first, rng))} {_where(first.cell, rng)}"]
+  clauses += [f"{with_article(noun_phrase(o, rng))} {pick_one(rng, ('sits', 'is', 'lies'))} {_where(o.cell, rng)}"
               for o in rest]
   return "; ".join(clauses)
 
 
 def _labelled_caption(objs, rng):
   """ "upper left: big red circle. right: small blue cross"."""
-  return ". ".join(f"{_place_name(o.cell, rng)}: {_noun(o, rng)}" for o in objs)
+  return ". ".join(f"{_place_name(o.cell, rng)}: {noun_phrase(o, rng)}" for o in objs)
 
 
 def _inverted_caption(objs, rng):
   """ "in the top left is a big red circle and on the right is a small blue cross"."""
-  return _join([f"{_where(o.cell, rng)} is {_a(_noun(o, rng))}" for o in objs])
+  return _join([f"{_where(o.cell, rng)} is {with_article(noun_phrase(o, rng))}" for o in objs])
 
 
 def _sizeless_caption(objs, rng):
   """ "an image with two shapes, a red circle in the top left and a blue cross on the right"."""
-  clauses = [f"{_a(_noun(o, rng, with_size=False))} {_where(o.cell, rng)}" for o in objs]
+  clauses = [f"{with_article(noun_phrase(o, rng, with_size=False))} {_where(o.cell, rng)}" for o in objs]
   return f"an image with {_count_phrase(len(objs), rng)}, {_join(clauses)}"
 
 
@@ -300,7 +300,7 @@ def describe_scene(scene, rng):
 # ----------------------------------------------------------------------------- the source
 
 
-def _split_of(description):
+def split_of(description):
   """"eval" or "train": the split that owns a scene description (a stable hash of it, the same
   for every seed)."""
   bucket = zlib.crc32(description.encode()) % _NUM_SPLIT_BUCKETS
@@ -309,7 +309,7 @@ def _split_of(description):
 
 def scene_split(scene):
   """"eval" or "train": the split that owns `scene`."""
-  return _split_of(scene.description())
+  return split_of(scene.description())
 
 
 class SyntheticCaptions:
@@ -321,8 +321,8 @@ class SyntheticCaptions:
   """
 
   def __init__(self, num_images, split="train", seed=0, image_size=48):
-    if split not in _SPLIT_IDS:
-      raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+    if split not in SPLIT_IDS:
+      raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
     if num_images < 1:
       raise ValueError(f"num_images must be positive, got {num_images}")
     self.num_images = int(num_images)
@@ -337,11 +337,11 @@ class SyntheticCaptions:
     """(scene, rng) of image `index`; rng continues where the scene's rejection sampling ended."""
     if not 0 <= index < self.num_images:
       raise IndexError(f"image index {index} out of range [0, {self.num_images})")
-    rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(index)])
+    rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], int(index)])
     while True:  # rejection sampling; only the cheap discrete layout is redrawn.
       layout = _sample_layout(rng)
-      if _split_of(_describe_layout(layout)) == self.split:
-        return _realise(layout, rng), rng
+      if split_of(_describe_layout(layout)) == self.split:
+        return realise_layout(layout, rng), rng
 
   def scene(self, index):
     """The Scene of image `index`."""

@@ -33,17 +33,6 @@ import numpy as np
 from cots_jax.data import synthetic
 from cots_jax.data.video import ArrayClip
 
-# synthetic.py's sizes, shades, background, split hash and caption words, shared rather than copied.
-_RADIUS = synthetic._RADIUS  # pylint: disable=protected-access
-_SHADE_RANGE = synthetic._SHADE_RANGE  # pylint: disable=protected-access
-_SPLIT_IDS = synthetic._SPLIT_IDS  # pylint: disable=protected-access
-_realise = synthetic._realise  # pylint: disable=protected-access
-_split_of = synthetic._split_of  # pylint: disable=protected-access
-_uniform = synthetic._uniform  # pylint: disable=protected-access
-_pick = synthetic._pick  # pylint: disable=protected-access
-_noun = synthetic._noun  # pylint: disable=protected-access
-_a = synthetic._a  # pylint: disable=protected-access
-
 # Unit steps (dx, dy) in image coordinates: y grows downwards, so "up" is -y.
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 DIRECTIONS_PER_GROUP = len(DIRECTIONS)
@@ -146,7 +135,7 @@ def _split_appearances(split):
   object."""
   kinds = list(itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.SIZES))
   return tuple((mover, other) for mover in kinds for other in kinds
-               if other[0] != mover[0] and _split_of(_canonical_text((mover, other))) == split)
+               if other[0] != mover[0] and synthetic.split_of(_canonical_text((mover, other))) == split)
 
 
 def _distractor_coordinate(path_coordinate, gap, radius, rng):
@@ -155,7 +144,7 @@ def _distractor_coordinate(path_coordinate, gap, radius, rng):
   sides = [(low, high) for low, high in ((radius, path_coordinate - gap),
                                          (path_coordinate + gap, 1 - radius)) if low <= high]
   low, high = sides[int(rng.integers(len(sides)))]
-  return float(_uniform((low, high), rng.random()))
+  return float(synthetic.uniform_in((low, high), rng.random()))
 
 
 def _realise_group(appearance, rng):
@@ -166,17 +155,17 @@ def _realise_group(appearance, rng):
   corner relative to it, clear of the boxes the mover sweeps horizontally and vertically.
   """
   (colour, shape, size), (other_colour, other_shape, other_size) = appearance
-  radius, other_radius = _RADIUS[size], _RADIUS[other_size]
-  travel = float(_uniform(_TRAVEL_RANGE, rng.random()))
+  radius, other_radius = synthetic.RADIUS[size], synthetic.RADIUS[other_size]
+  travel = float(synthetic.uniform_in(_TRAVEL_RANGE, rng.random()))
   margin = radius + travel / 2
-  path_centre = tuple(float(_uniform((margin, 1 - margin), u)) for u in rng.random(2))
+  path_centre = tuple(float(synthetic.uniform_in((margin, 1 - margin), u)) for u in rng.random(2))
   gap = radius + _GAP + other_radius
   x, y = (_distractor_coordinate(c, gap, other_radius, rng) for c in path_centre)
-  shade, other_shade = (float(_uniform(_SHADE_RANGE, u)) for u in rng.random(2))
+  shade, other_shade = (float(synthetic.uniform_in(synthetic.SHADE_RANGE, u)) for u in rng.random(2))
   distractor = synthetic.SceneObject(colour=other_colour, shape=other_shape, size=other_size,
                                      cell=_cell_at(x, y), centre=(x, y), radius=other_radius,
                                      shade=other_shade)
-  backdrop = _realise((), rng)  # a scene without objects: only its background is drawn
+  backdrop = synthetic.realise_layout((), rng)  # a scene without objects: only its background is drawn
   names = list(DIRECTIONS)
   return tuple(
       ClipSpec(colour=colour, shape=shape, size=size, direction=names[d],
@@ -202,47 +191,47 @@ _STILL_ADJECTIVES = ("static", "motionless", "stationary")
 
 def _towards(spec, rng):
   """ "to the left", "upwards" ..."""
-  return _pick(rng, _DIRECTION_PHRASES[spec.direction])
+  return synthetic.pick_one(rng, _DIRECTION_PHRASES[spec.direction])
 
 
 def _past_caption(spec, rng):
   """ "a big red square slides to the left past a small green circle that stays still"."""
-  return (f"{_a(_noun(spec, rng))} {_pick(rng, _VERBS)[0]} {_towards(spec, rng)} past "
-          f"{_a(_noun(spec.distractor, rng))} that {_pick(rng, _STILL_PHRASES)}")
+  return (f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[0]} {_towards(spec, rng)} past "
+          f"{synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} that {synthetic.pick_one(rng, _STILL_PHRASES)}")
 
 
 def _labelled_caption(spec, rng):
   """ "moving left: a big red square, beside a motionless small green circle"."""
-  still = _pick(rng, _STILL_ADJECTIVES)
-  return (f"moving {spec.direction}: {_a(_noun(spec, rng))}, beside "
-          f"{_a(still + ' ' + _noun(spec.distractor, rng))}")
+  still = synthetic.pick_one(rng, _STILL_ADJECTIVES)
+  return (f"moving {spec.direction}: {synthetic.with_article(synthetic.noun_phrase(spec, rng))}, beside "
+          f"{synthetic.with_article(still + ' ' + synthetic.noun_phrase(spec.distractor, rng))}")
 
 
 def _while_caption(spec, rng):
   """ "a small green circle stays put while a big red square drifts upwards"."""
-  return (f"{_a(_noun(spec.distractor, rng))} {_pick(rng, _STILL_PHRASES)} while "
-          f"{_a(_noun(spec, rng))} {_pick(rng, _VERBS)[0]} {_towards(spec, rng)}")
+  return (f"{synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} {synthetic.pick_one(rng, _STILL_PHRASES)} while "
+          f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[0]} {_towards(spec, rng)}")
 
 
 def _heading_caption(spec, rng):
   """ "a big red square heading towards the top and a stationary small green circle"."""
-  still = _pick(rng, _STILL_ADJECTIVES)
-  return (f"{_a(_noun(spec, rng))} heading {_towards(spec, rng)} and "
-          f"{_a(still + ' ' + _noun(spec.distractor, rng))}")
+  still = synthetic.pick_one(rng, _STILL_ADJECTIVES)
+  return (f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} heading {_towards(spec, rng)} and "
+          f"{synthetic.with_article(still + ' ' + synthetic.noun_phrase(spec.distractor, rng))}")
 
 
 def _video_of_caption(spec, rng):
   """ "a video of a big red square sliding down next to a small green circle that does not
   move"."""
-  return (f"a video of {_a(_noun(spec, rng))} {_pick(rng, _VERBS)[1]} {_towards(spec, rng)} "
-          f"next to {_a(_noun(spec.distractor, rng))} that {_pick(rng, _STILL_PHRASES)}")
+  return (f"a video of {synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[1]} {_towards(spec, rng)} "
+          f"next to {synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} that {synthetic.pick_one(rng, _STILL_PHRASES)}")
 
 
 def _sizeless_caption(spec, rng):
   """ "the red square travels rightwards and the green circle stands still"."""
-  return (f"the {_noun(spec, rng, with_size=False)} {_pick(rng, _VERBS)[0]} "
-          f"{_towards(spec, rng)} and the {_noun(spec.distractor, rng, with_size=False)} "
-          f"{_pick(rng, _STILL_PHRASES)}")
+  return (f"the {synthetic.noun_phrase(spec, rng, with_size=False)} {synthetic.pick_one(rng, _VERBS)[0]} "
+          f"{_towards(spec, rng)} and the {synthetic.noun_phrase(spec.distractor, rng, with_size=False)} "
+          f"{synthetic.pick_one(rng, _STILL_PHRASES)}")
 
 
 # Structurally different sentences: 5 different templates give 5 different captions.
@@ -270,8 +259,8 @@ class SyntheticVideos:
   """
 
   def __init__(self, num_videos, split="train", seed=0, image_size=48, num_frames=8):
-    if split not in _SPLIT_IDS:
-      raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+    if split not in synthetic.SPLIT_IDS:
+      raise ValueError(f"split must be one of {sorted(synthetic.SPLIT_IDS)}, got {split!r}")
     if num_videos < 1:
       raise ValueError(f"num_videos must be positive, got {num_videos}")
     if num_frames < 2:
@@ -289,7 +278,7 @@ class SyntheticVideos:
 
   def _rng(self, *stream):
     """The generator of `stream` (none, or group or clip numbers) of this seed and split."""
-    return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], *stream])
+    return np.random.default_rng([self.seed, synthetic.SPLIT_IDS[self.split], *stream])
 
   def clip_spec(self, index):
     """The ClipSpec of clip `index`."""

@@ -31,9 +31,6 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SPLITS_WITHOUT_TEST_LIST = {"train": ("train", "validate"), "eval": ("test",)}
 _TEST_LIST_COLUMNS = ("video_id", "sentence")
 # The image sources' file reading and checks, shared rather than copied.
-_read_file = sources._read_image_file  # pylint: disable=protected-access
-_required = sources._required  # pylint: disable=protected-access
-_check_index = sources._check_index  # pylint: disable=protected-access
 
 
 def sample_frame_indices(num_available, num_frames, rng=None):
@@ -237,7 +234,7 @@ class FrameFolder:
     indices = _wanted_indices(indices)
     paths = self.frame_paths()
     _check_available(indices, len(paths), self.path)
-    frames = {i: decode_image(_read_file(paths[i]), paths[i])
+    frames = {i: decode_image(sources.read_image_file(paths[i]), paths[i])
               for i in set(indices.tolist())}
     return _stack_in_order(frames, indices, self.path)
 
@@ -264,19 +261,19 @@ def _parse_annotations(path):
   """
   annotations = _load_json(path, "annotations file")
   video_ids, splits = [], {}
-  for i, video in enumerate(_required(annotations, "videos", list, path)):
-    video_id = _required(video, "video_id", str, f"{path}: videos[{i}]")
+  for i, video in enumerate(sources.required_field(annotations, "videos", list, path)):
+    video_id = sources.required_field(video, "video_id", str, f"{path}: videos[{i}]")
     if video_id in splits:
       raise ValueError(f"{path}: videos[{i}] repeats video_id {video_id!r}")
-    splits[video_id] = _required(video, "split", str, f"{path}: videos[{i}]")
+    splits[video_id] = sources.required_field(video, "split", str, f"{path}: videos[{i}]")
     video_ids.append(video_id)
   captions = {video_id: [] for video_id in video_ids}
-  for j, sentence in enumerate(_required(annotations, "sentences", list, path)):
+  for j, sentence in enumerate(sources.required_field(annotations, "sentences", list, path)):
     where = f"{path}: sentences[{j}]"
-    video_id = _required(sentence, "video_id", str, where)
+    video_id = sources.required_field(sentence, "video_id", str, where)
     if video_id not in captions:
       raise ValueError(f"{where} names video_id {video_id!r}, which is not in 'videos'")
-    captions[video_id].append(_required(sentence, "caption", str, where))
+    captions[video_id].append(sources.required_field(sentence, "caption", str, where))
   return video_ids, splits, captions
 
 
@@ -362,12 +359,12 @@ class _MsrVttVideos:
 
   def video_id(self, index):
     """The MSR-VTT id ("video7") of video `index`."""
-    _check_index(index, len(self))
+    sources.check_index(index, len(self))
     return self._video_ids[index]
 
   def captions(self, index):
     """The captions of video `index` (a new list), without opening the video."""
-    _check_index(index, len(self))
+    sources.check_index(index, len(self))
     return list(self._captions[index])
 
   def caption_counts(self):
