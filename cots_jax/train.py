@@ -13,6 +13,7 @@ init_from, preemption and the workdir guard rails live in cots_jax/checkpoint.py
 import functools
 import json
 import math
+import re
 import time
 
 from absl import logging
@@ -34,6 +35,7 @@ from cots_jax import sharding
 from cots_jax import vq_trainer
 from cots_jax.data import masking
 from cots_jax.data import pipeline
+from cots_jax.data import synthetic_video
 from cots_jax.evaluators import retrieval
 from cots_jax.metrics_writer import MetricWriter
 from cots_jax.models import cots as cots_model
@@ -402,7 +404,8 @@ def make_evaluators(config, split):
   image-text retrieval (design §4.1) and COOKIE's unimodal tasks (method §2.1), image instance
   retrieval (images only) and text matching; text matching is left out, with a warning, when no
   eval image has two captions. For video, "retrieval" is video <-> text with `v2t_*`, `t2v_*`
-  keys instead of `i2t_*`, `t2i_*`.
+  keys instead of `i2t_*`, `t2i_*`; on the synthetic clips "direction" ranks each query only
+  against the clips (or their captions) that differ from its own only in direction.
 
   Args:
     config: the run's ConfigDict (`eval.ks`, `eval.chunk`).
@@ -415,6 +418,10 @@ def make_evaluators(config, split):
   if not pipeline.is_video(config):
     instance = retrieval.ImageInstanceEvaluator("image_instance", split, **common)
     evaluators["image_instance"] = lambda embed_image_fn, _: instance.run(embed_image_fn)
+  if config.input.data.name == "synthetic_video":
+    groups = synthetic_video.appearance_groups(pipeline.make_source(config, "eval"))
+    direction = retrieval.WithinGroupEvaluator("direction", split, groups, directions=directions)
+    evaluators["direction"] = direction.run
   try:
     matching = retrieval.TextMatchingEvaluator("text_matching", split, **common)
     evaluators["text_matching"] = lambda _, embed_text_fn: matching.run(embed_text_fn)
@@ -451,13 +458,16 @@ def _eval_summary(results):
     _, name, metric = key.split("/")
     grouped.setdefault(name, {})[metric] = value
   parts = []
-  for name, r in grouped.items():
-    directions = sorted({key.split("_")[0] for key in r if key.endswith("_r1")})
-    if directions:  # cross-modal: i2t / t2i (or v2t / t2v) keys
-      recalls = [f"{d} R@1/5/10 {r[f'{d}_r1']:.1f}/{r[f'{d}_r5']:.1f}/{r[f'{d}_r10']:.1f}"
-                 for d in directions]
-    else:
-      recalls = [f"R@1/5/10 {r['r1']:.1f}/{r['r5']:.1f}/{r['r10']:.1f}"]
+  for name, metrics in grouped.items():
+    # Cross-modal keys are i2t_r5, t2v_r1, ...: one "<direction> R@1/5/10 a/b/c" per direction.
+    by_prefix = {}
+    for key, value in metrics.items():
+      match = re.fullmatch(r"(?:(\w+)_)?r(\d+)", key)
+      if match:
+        by_prefix.setdefault(match[1], []).append((match[2], value))
+    recalls = [f"{prefix + ' ' if prefix else ''}R@{'/'.join(k for k, _ in pairs)} "
+               + "/".join(f"{value:.1f}" for _, value in pairs)
+               for prefix, pairs in by_prefix.items()]
     parts.append(f"{name}: {' '.join(recalls)}")
   return "; ".join(parts)
 

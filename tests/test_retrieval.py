@@ -483,3 +483,52 @@ def test_group_metrics_nan_scores_never_rank_first():
 def test_group_metrics_bad_inputs(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def reference_within_group_ranks(sim, query_owner, gallery_owner, owner_group):
+  """Brute force: each query against the gallery items of its owner's group."""
+  ranks = []
+  for q, owner in enumerate(query_owner):
+    candidates = [g for g, o in enumerate(gallery_owner) if owner_group[o] == owner_group[owner]]
+    relevant = [g for g in candidates if gallery_owner[g] == owner]
+    if relevant:
+      best = max(sim[q, g] for g in relevant)
+      ranks.append(1 + sum(not sim[q, g] < best for g in candidates if g not in relevant))
+  return np.array(ranks)
+
+
+def test_within_group_metrics_rank_only_against_the_query_owners_group():
+  # Owners (clips) 0, 1 form group 0, owners 2, 3 group 1; texts 0-3 describe owners 0-3.
+  clips = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8]])
+  texts = np.array([[0.6, 0.8], [0.6, 0.8], [1.0, 0.0], [1.0, 0.0]])
+  groups = np.array([0, 0, 1, 1])
+  owners = np.arange(4)
+  # Text 0 scores clip 0 at 0.6 and its twin clip 1 at 0.96 -> rank 2; text 1: clip 1 best -> 1;
+  # text 2: clip 2 0.0 < clip 3 0.6 -> 2; text 3: clip 3 0.6 > 0.0 -> 1. Texts 2 and 3 score
+  # clip 0 at 1.0, but clip 0 is not in their group.
+  got = retrieval.within_group_metrics(texts, clips, owners, owners, groups, ks=(1,))
+  assert got == {"r1": 50.0, "medr": 1.5, "meanr": 1.5}
+  rng = np.random.default_rng(7)
+  query, gallery = rng.integers(-1, 2, (15, 3)), rng.integers(-1, 2, (10, 3))  # ties
+  query_owner, gallery_owner = rng.integers(0, 6, 15), rng.integers(0, 6, 10)
+  owner_group = np.array([0, 0, 1, 1, 1, 2])
+  want = reference_within_group_ranks(query @ gallery.T, query_owner, gallery_owner, owner_group)
+  got = retrieval.within_group_metrics(query, gallery, query_owner, gallery_owner, owner_group,
+                                       ks=(1, 2))
+  assert got == pytest.approx({"r1": 100.0 * np.mean(want <= 1), "r2": 100.0 * np.mean(want <= 2),
+                               "medr": float(np.median(want)), "meanr": float(np.mean(want))})
+  with pytest.raises(ValueError, match=r"query_owner\[0\] = 9 is not an owner index in \[0, 6\)"):
+    retrieval.within_group_metrics(query, gallery, np.full(15, 9), gallery_owner, owner_group)
+
+
+def test_within_group_evaluator_reports_both_directions():
+  txt2img = np.repeat(np.arange(4), 2)
+  split = one_hot_split(4, txt2img)
+  eye = np.vstack([np.eye(4), np.zeros((1, 4))])
+  evaluator = retrieval.WithinGroupEvaluator("direction", split, [0, 0, 1, 1],
+                                             directions=("v2t", "t2v"))
+  got = evaluator.run(lambda b: eye[b["image"][:, 0]], lambda b: eye[b["text_ids"][:, 0]])
+  assert got == {"v2t_r1": 100.0, "v2t_medr": 1.0, "v2t_meanr": 1.0,
+                 "t2v_r1": 100.0, "t2v_medr": 1.0, "t2v_meanr": 1.0}
+  with pytest.raises(ValueError, match=r"image_groups must be \[4\], got shape \(3,\)"):
+    retrieval.WithinGroupEvaluator("direction", split, [0, 0, 1])

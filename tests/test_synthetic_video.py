@@ -268,3 +268,13 @@ def test_direction_twins_differ_only_in_direction():
                       for s, t in zip(specs, twins))
   assert with_opposite >= 300  # every clip of the 75 complete groups of four
   assert all(len(t) for t in twins)
+
+
+def test_appearance_groups_label_each_clip_with_its_direction_twins():
+  ds = synthetic_video.SyntheticVideos(42, "eval", seed=1)
+  groups = synthetic_video.appearance_groups(ds)
+  twins = synthetic_video.direction_twins(ds)
+  assert groups.dtype == np.int64 and groups.shape == (42,)
+  assert groups[0] == 0 and set(np.diff(np.unique(groups))) == {1}  # first-occurrence numbering
+  for i, clip_twins in enumerate(twins):
+    assert set(np.flatnonzero(groups == groups[i])) == {i, *clip_twins.tolist()}

@@ -247,3 +247,14 @@ def test_make_mesh_checks_that_the_global_batch_splits_over_the_devices():
   assert train.make_mesh(config, devices=np.arange(4)).shape == {"data": 4}
   with pytest.raises(ValueError, match=r"config.input.batch_size=8 must be a multiple of the 3 "):
     train.make_mesh(config, devices=np.arange(3))
+
+
+def test_eval_summary_lists_every_recall_of_every_evaluator():
+  results = {"eval/retrieval/i2t_r1": 1.0, "eval/retrieval/i2t_r5": 2.0,
+             "eval/retrieval/t2i_r1": 3.0, "eval/retrieval/t2i_r5": 4.0,
+             "eval/retrieval/rsum": 10.0, "eval/retrieval/r_mean": 2.5,
+             "eval/retrieval/i2t_medr": 3.0, "eval/text_matching/r1": 7.0,
+             "eval/text_matching/meanr": 2.0, "eval/direction/t2v_r1": 50.0}
+  assert train._eval_summary(results) == (  # pylint: disable=protected-access
+      "retrieval: i2t R@1/5 1.0/2.0 t2i R@1/5 3.0/4.0; text_matching: R@1 7.0; "
+      "direction: t2v R@1 50.0")

@@ -59,7 +59,7 @@ def test_the_eval_split_of_clips_yields_video_batches_and_no_image_views():
   assert sum(int(b["valid"].sum()) for b in batches) == split.num_images == 12
   with pytest.raises(ValueError, match="holds video clips, not images"):
     next(split.view_batches(0))
-  assert set(train.make_evaluators(config, split)) == {"retrieval", "text_matching"}
+  assert set(train.make_evaluators(config, split)) == {"retrieval", "direction", "text_matching"}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -85,7 +85,8 @@ def test_a_synthetic_video_run_with_the_temporal_transformer_trains_and_evaluate
   config = video_config("runlocal,agg=transformer", **{"model.temporal_layers": 1})
   results = train.train_and_evaluate(config, str(tmp_path))
   for key in ("eval/retrieval/t2v_r1", "eval/retrieval/v2t_meanr",
-              "eval/retrieval_momentum/v2t_r10", "eval/text_matching/r1"):
+              "eval/retrieval_momentum/v2t_r10", "eval/text_matching/r1",
+              "eval/direction/t2v_r1", "eval/direction_momentum/v2t_r1"):
     assert np.isfinite(results[key]), key
   assert not any("image_instance" in key or "i2t" in key for key in results)
 

@@ -24,7 +24,7 @@ SOURCE_NAMES = ("captions_json", "tfds")
 
 
 def check_index(index, length):
-  """IndexError unless 0 <= index < length (negative indices are not images)."""
+  """IndexError unless 0 <= index < length (negative indices are not items)."""
   if not 0 <= index < length:
     raise IndexError(f"index {index} out of range [0, {length})")
 

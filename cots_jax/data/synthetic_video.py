@@ -324,3 +324,12 @@ def direction_twins(source):
     by_appearance[spec.appearance()].append(i)
   return [np.array([j for j in by_appearance[spec.appearance()]
                     if specs[j].direction != spec.direction], np.int64) for spec in specs]
+
+
+def appearance_groups(source):
+  """int64 [len(source)]: one label per appearance (ClipSpec.appearance), numbered in order of
+  first occurrence, so clips share a label exactly when they differ at most in direction (the
+  groups of the direction-restricted recall, evaluators/retrieval.WithinGroupEvaluator)."""
+  labels = {}
+  return np.array([labels.setdefault(source.clip_spec(i).appearance(), len(labels))
+                   for i in range(len(source))], np.int64)

@@ -122,6 +122,57 @@ def group_retrieval_metrics(query_emb, gallery_emb, query_groups, gallery_groups
   return _recalls(ranks, ks)
 
 
+def within_group_metrics(query_emb, gallery_emb, query_owner, gallery_owner, owner_group,
+                         ks=(1,)):
+  """Recall@K and ranks when each query competes only inside its owner's group.
+
+  Every query and gallery item belongs to an owner (a clip: its own index, or the clip a caption
+  describes), and every owner to a group (e.g. the clips that differ only in direction). A
+  gallery item is relevant to a query when they share the owner; the query's candidates are the
+  gallery items whose owner is in the query owner's group. Rank and tie rule as
+  `group_retrieval_metrics`, within those candidates only; queries whose group holds no relevant
+  item are left out.
+
+  Args:
+    query_emb: [n, D]; gallery_emb: [m, D] embeddings.
+    query_owner: [n] int, gallery_owner: [m] int owner indices into `owner_group`.
+    owner_group: [o] int, the group of each owner.
+    ks: the K of the recalls.
+
+  Returns:
+    the dict of `group_retrieval_metrics` (`r{k}`, `medr`, `meanr`).
+
+  Raises:
+    ValueError on shape mismatches, owners out of range, bad ks, or no query with a relevant
+    item.
+  """
+  query_emb, gallery_emb = _as_float(query_emb), _as_float(gallery_emb)
+  if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+    raise ValueError("query_emb and gallery_emb must be [n, D] and [m, D], got shapes "
+                     f"{query_emb.shape} and {gallery_emb.shape}")
+  owner_group = _checked_groups(owner_group, np.asarray(owner_group).shape[0], "owner_group")
+  query_owner = _checked_owners(query_owner, query_emb.shape[0], owner_group.shape[0],
+                                "query_owner")
+  gallery_owner = _checked_owners(gallery_owner, gallery_emb.shape[0], owner_group.shape[0],
+                                  "gallery_owner")
+  ks = _checked_ks(ks)
+  ranks = np.zeros(query_emb.shape[0], np.int64)
+  for group in np.unique(owner_group[query_owner]):
+    queries = np.flatnonzero(owner_group[query_owner] == group)
+    candidates = np.flatnonzero(owner_group[gallery_owner] == group)
+    scores = query_emb[queries] @ gallery_emb[candidates].T
+    relevant = query_owner[queries][:, None] == gallery_owner[candidates][None, :]
+    with np.errstate(invalid="ignore"):
+      best = np.where(relevant, scores, -np.inf).max(axis=1, initial=-np.inf)
+      # `not (score < best)`: ties and NaN count as ahead (module doc).
+      ahead = np.count_nonzero(~(scores < best[:, None]) & ~relevant, axis=1)
+    ranks[queries] = np.where(relevant.any(axis=1), 1 + ahead, 0)
+  ranks = ranks[ranks > 0]
+  if not ranks.size:
+    raise ValueError("no query has a relevant item in its group")
+  return _recalls(ranks, ks)
+
+
 def top_k_chunked(queries, gallery, k, chunk=4096):
   """The k gallery rows of highest dot product with each query, without the full score matrix.
 
@@ -253,6 +304,37 @@ class RetrievalEvaluator(_SplitEvaluator):
       return f"{names[direction]}_{rest}" if direction in names else key
 
     return {renamed(key): value for key, value in metrics.items()}
+
+
+class WithinGroupEvaluator(RetrievalEvaluator):
+  """Image (video) <-> text retrieval where each query competes only with the items of its
+  group: e.g. the synthetic clips that differ only in the direction of motion, so R@1 is the
+  share of captions whose clip wins over its direction twins (chance 1 / group size).
+
+  `image_groups` is [num_images] int, the group of each item of the split.
+  """
+
+  def __init__(self, name, split, image_groups, ks=(1,), directions=("i2t", "t2i")):
+    super().__init__(name, split, ks, directions=directions)
+    self.image_groups = np.asarray(image_groups)
+    if self.image_groups.shape != (split.num_images,):
+      raise ValueError(f"evaluator {name!r}: image_groups must be [{split.num_images}], got "
+                       f"shape {self.image_groups.shape}")
+
+  def run(self, embed_image_fn, embed_text_fn):
+    """Embeds the split; returns `<direction>_r{k}`, `_medr`, `_meanr` of both directions."""
+    txt2img = np.asarray(self.split.txt2img)
+    img_emb = self._embed(embed_image_fn, self.split.image_batches(), self.split.num_images,
+                          "images")
+    txt_emb = self._embed(embed_text_fn, self.split.text_batches(), txt2img.shape[0], "texts")
+    image_ids = np.arange(self.split.num_images)
+    per_direction = {
+        self.directions[0]: within_group_metrics(img_emb, txt_emb, image_ids, txt2img,
+                                                 self.image_groups, self.ks),
+        self.directions[1]: within_group_metrics(txt_emb, img_emb, txt2img, image_ids,
+                                                 self.image_groups, self.ks)}
+    return {f"{direction}_{key}": value for direction, metrics in per_direction.items()
+            for key, value in metrics.items()}
 
 
 class TextMatchingEvaluator(_SplitEvaluator):
@@ -432,6 +514,16 @@ def _checked_txt2img(txt2img, n_images, n_texts):
     raise ValueError(f"txt2img[{bad[0]}] = {txt2img[bad[0]]} is not an image index in "
                      f"[0, {n_images})")
   return txt2img.astype(np.int64)
+
+
+def _checked_owners(owners, n, num_owners, name):
+  """owners as int64 [n], every entry an index in [0, num_owners)."""
+  owners = _checked_groups(owners, n, name)
+  bad = np.flatnonzero((owners < 0) | (owners >= num_owners))
+  if bad.size:
+    raise ValueError(f"{name}[{bad[0]}] = {owners[bad[0]]} is not an owner index in "
+                     f"[0, {num_owners})")
+  return owners
 
 
 def _checked_groups(groups, n, name):
