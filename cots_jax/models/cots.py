@@ -160,8 +160,10 @@ class CotsModel(nn.Module):
     if self.encoder_projections:
       self.image_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
       self.text_encoder_proj = nn.Dense(m.embed_dim, dtype=dtype)
+    # Its width is that of the frames' head inputs: the WST's with the WST, else the ViT's.
+    heads = (m.wst_heads or m.text.heads) if m.use_wst else m.image.heads
     self.temporal = temporal.TemporalAggregator(
-        m.temporal_agg, m.num_frames, m.temporal_layers, m.image.heads, m.image.mlp_ratio,
+        m.temporal_agg, m.num_frames, m.temporal_layers, heads, m.image.mlp_ratio,
         m.image.dropout, dtype)
 
   def _wst_stack(self, modalities, dtype):
