@@ -87,3 +87,16 @@ def test_transformer_aggregation_parameters_exist_for_video_input_only():
   reordered, _ = model.apply({"params": video_params}, video[:, ::-1],
                              method=model.video_embedding)
   assert np.abs(np.asarray(embed - reordered)).max() > 1e-5
+
+
+def test_the_temporal_transformer_takes_the_wst_width_and_heads():
+  """With the WST the frames' head inputs have the WST's width (here the text tower's 32, 2
+  heads), not the ViT's (48, 3 heads, which do not divide 32)."""
+  config = tiny_config(**{"model.num_frames": 2, "model.temporal_agg": "transformer",
+                          "model.temporal_layers": 1, "model.use_wst": True,
+                          "model.wst_layers": 1, "model.image.width": 48,
+                          "model.image.heads": 3})
+  model = cots_model.CotsModel.from_config(config)
+  size, text = config.model.image.image_size, jnp.ones((1, 6), jnp.int32)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 2, size, size, 3)), text, text)["params"]
+  assert params["temporal"]["frame_pos_embed"].shape == (1, 2, 32)
