@@ -126,3 +126,22 @@ def test_an_msrvtt_layout_runs_end_to_end(tmp_path):
   # 2 test videos with one caption each: no text matching, and t2v R@10 finds every clip.
   assert results["eval/retrieval/t2v_r10"] == 100.0
   assert not any("text_matching" in key for key in results)
+
+
+def test_an_unreadable_video_is_skipped_and_counted_or_stops_the_run(tmp_path):
+  root = _msrvtt_layout(tmp_path / "msrvtt")
+  (root / "videos" / "video0.mp4").write_bytes(b"not a video at all")
+  overrides = {"input.data.annotations": str(root / "MSRVTT_data.json"),
+               "input.data.videos_dir": str(root / "videos"),
+               "input.data.test_list": str(root / "test.csv"), "input.batch_size": 2,
+               "queue.size": 8}
+  config = video_config("runlocal,data=msrvtt", **overrides)
+  iterator = pipeline.make_train_iterator(config)
+  batches = [next(iterator) for _ in range(8)]  # 16 pairs: two passes over the 8 of 4 videos
+  assert sum(int(b["skipped"].sum()) for b in batches) >= 2  # video0's 2 captions, each pass
+  assert all(b["video"].shape[:2] == (2, 3) for b in batches)
+  failing = video_config("runlocal,data=msrvtt", **overrides, **{"input.on_bad_example": "fail"})
+  failing_iterator = pipeline.make_train_iterator(failing)
+  with pytest.raises(Exception, match=r"video0.mp4: cannot decode video"):
+    for _ in range(8):
+      next(failing_iterator)
