@@ -256,7 +256,8 @@ def _there_is_caption(objs, rng):
   """ "there is a big red circle in the top left; a small blue cross sits on the right"."""
   first, rest = objs[0], objs[1:]
   clauses = [f"there is {with_article(noun_phrase(first, rng))} {_where(first.cell, rng)}"]
-  clauses += [f"{with_article(noun_phrase(o, rng))} {pick_one(rng, ('sits', 'is', 'lies'))} {_where(o.cell, rng)}"
+  clauses += [f"{with_article(noun_phrase(o, rng))} {pick_one(rng, ('sits', 'is', 'lies'))} "
+              f"{_where(o.cell, rng)}"
               for o in rest]
   return "; ".join(clauses)
 
@@ -273,7 +274,8 @@ def _inverted_caption(objs, rng):
 
 def _sizeless_caption(objs, rng):
   """ "an image with two shapes, a red circle in the top left and a blue cross on the right"."""
-  clauses = [f"{with_article(noun_phrase(o, rng, with_size=False))} {_where(o.cell, rng)}" for o in objs]
+  clauses = [f"{with_article(noun_phrase(o, rng, with_size=False))} {_where(o.cell, rng)}"
+             for o in objs]
   return f"an image with {_count_phrase(len(objs), rng)}, {_join(clauses)}"
 
 

@@ -135,7 +135,8 @@ def _split_appearances(split):
   object."""
   kinds = list(itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.SIZES))
   return tuple((mover, other) for mover in kinds for other in kinds
-               if other[0] != mover[0] and synthetic.split_of(_canonical_text((mover, other))) == split)
+               if other[0] != mover[0]
+               and synthetic.split_of(_canonical_text((mover, other))) == split)
 
 
 def _distractor_coordinate(path_coordinate, gap, radius, rng):
@@ -161,7 +162,8 @@ def _realise_group(appearance, rng):
   path_centre = tuple(float(synthetic.uniform_in((margin, 1 - margin), u)) for u in rng.random(2))
   gap = radius + _GAP + other_radius
   x, y = (_distractor_coordinate(c, gap, other_radius, rng) for c in path_centre)
-  shade, other_shade = (float(synthetic.uniform_in(synthetic.SHADE_RANGE, u)) for u in rng.random(2))
+  shade, other_shade = (float(synthetic.uniform_in(synthetic.SHADE_RANGE, u))
+                        for u in rng.random(2))
   distractor = synthetic.SceneObject(colour=other_colour, shape=other_shape, size=other_size,
                                      cell=_cell_at(x, y), centre=(x, y), radius=other_radius,
                                      shade=other_shade)
