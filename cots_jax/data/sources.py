@@ -42,17 +42,22 @@ def required_field(mapping, key, expected_type, where):
   return value
 
 
-def _load_images_list(path):
-  """The `images` list of the annotations json at `path`; ValueError naming `path` otherwise."""
+def load_json(path, what):
+  """The parsed json file at `path`; ValueError naming `path` and `what` it is otherwise."""
   try:
     with open(path, encoding="utf-8") as f:
-      annotations = json.load(f)
+      return json.load(f)
   except FileNotFoundError:
-    raise ValueError(f"{path}: annotations file not found") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: cannot read the annotations file ({e})") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not JSON ({e})") from e
+    raise ValueError(f"{path}: {what} not found") from None
+  except (OSError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path}: cannot read the {what} ({error})") from error
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: {what} is not JSON ({error})") from error
+
+
+def _load_images_list(path):
+  """The `images` list of the annotations json at `path`; ValueError naming `path` otherwise."""
+  annotations = load_json(path, "annotations file")
   if not isinstance(annotations, dict) or not isinstance(annotations.get("images"), list):
     raise ValueError(f"{path}: top-level 'images' list missing")
   return annotations["images"]

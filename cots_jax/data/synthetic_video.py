@@ -31,6 +31,7 @@ import itertools
 import numpy as np
 
 from cots_jax.data import synthetic
+from cots_jax.data.synthetic import noun_phrase, pick_one, with_article
 from cots_jax.data.video import ArrayClip
 
 # Unit steps (dx, dy) in image coordinates: y grows downwards, so "up" is -y.
@@ -167,7 +168,8 @@ def _realise_group(appearance, rng):
   distractor = synthetic.SceneObject(colour=other_colour, shape=other_shape, size=other_size,
                                      cell=_cell_at(x, y), centre=(x, y), radius=other_radius,
                                      shade=other_shade)
-  backdrop = synthetic.realise_layout((), rng)  # a scene without objects: only its background is drawn
+  # A scene without objects: only its background is drawn.
+  backdrop = synthetic.realise_layout((), rng)
   names = list(DIRECTIONS)
   return tuple(
       ClipSpec(colour=colour, shape=shape, size=size, direction=names[d],
@@ -193,47 +195,50 @@ _STILL_ADJECTIVES = ("static", "motionless", "stationary")
 
 def _towards(spec, rng):
   """ "to the left", "upwards" ..."""
-  return synthetic.pick_one(rng, _DIRECTION_PHRASES[spec.direction])
+  return pick_one(rng, _DIRECTION_PHRASES[spec.direction])
 
 
 def _past_caption(spec, rng):
   """ "a big red square slides to the left past a small green circle that stays still"."""
-  return (f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[0]} {_towards(spec, rng)} past "
-          f"{synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} that {synthetic.pick_one(rng, _STILL_PHRASES)}")
+  return (f"{with_article(noun_phrase(spec, rng))} {pick_one(rng, _VERBS)[0]} "
+          f"{_towards(spec, rng)} past "
+          f"{with_article(noun_phrase(spec.distractor, rng))} that {pick_one(rng, _STILL_PHRASES)}")
 
 
 def _labelled_caption(spec, rng):
   """ "moving left: a big red square, beside a motionless small green circle"."""
-  still = synthetic.pick_one(rng, _STILL_ADJECTIVES)
-  return (f"moving {spec.direction}: {synthetic.with_article(synthetic.noun_phrase(spec, rng))}, beside "
-          f"{synthetic.with_article(still + ' ' + synthetic.noun_phrase(spec.distractor, rng))}")
+  still = pick_one(rng, _STILL_ADJECTIVES)
+  return (f"moving {spec.direction}: {with_article(noun_phrase(spec, rng))}, beside "
+          f"{with_article(still + ' ' + noun_phrase(spec.distractor, rng))}")
 
 
 def _while_caption(spec, rng):
   """ "a small green circle stays put while a big red square drifts upwards"."""
-  return (f"{synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} {synthetic.pick_one(rng, _STILL_PHRASES)} while "
-          f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[0]} {_towards(spec, rng)}")
+  return (f"{with_article(noun_phrase(spec.distractor, rng))} "
+          f"{pick_one(rng, _STILL_PHRASES)} while {with_article(noun_phrase(spec, rng))} "
+          f"{pick_one(rng, _VERBS)[0]} {_towards(spec, rng)}")
 
 
 def _heading_caption(spec, rng):
   """ "a big red square heading towards the top and a stationary small green circle"."""
-  still = synthetic.pick_one(rng, _STILL_ADJECTIVES)
-  return (f"{synthetic.with_article(synthetic.noun_phrase(spec, rng))} heading {_towards(spec, rng)} and "
-          f"{synthetic.with_article(still + ' ' + synthetic.noun_phrase(spec.distractor, rng))}")
+  still = pick_one(rng, _STILL_ADJECTIVES)
+  return (f"{with_article(noun_phrase(spec, rng))} heading {_towards(spec, rng)} and "
+          f"{with_article(still + ' ' + noun_phrase(spec.distractor, rng))}")
 
 
 def _video_of_caption(spec, rng):
   """ "a video of a big red square sliding down next to a small green circle that does not
   move"."""
-  return (f"a video of {synthetic.with_article(synthetic.noun_phrase(spec, rng))} {synthetic.pick_one(rng, _VERBS)[1]} {_towards(spec, rng)} "
-          f"next to {synthetic.with_article(synthetic.noun_phrase(spec.distractor, rng))} that {synthetic.pick_one(rng, _STILL_PHRASES)}")
+  return (f"a video of {with_article(noun_phrase(spec, rng))} {pick_one(rng, _VERBS)[1]} "
+          f"{_towards(spec, rng)} next to {with_article(noun_phrase(spec.distractor, rng))} "
+          f"that {pick_one(rng, _STILL_PHRASES)}")
 
 
 def _sizeless_caption(spec, rng):
   """ "the red square travels rightwards and the green circle stands still"."""
-  return (f"the {synthetic.noun_phrase(spec, rng, with_size=False)} {synthetic.pick_one(rng, _VERBS)[0]} "
-          f"{_towards(spec, rng)} and the {synthetic.noun_phrase(spec.distractor, rng, with_size=False)} "
-          f"{synthetic.pick_one(rng, _STILL_PHRASES)}")
+  return (f"the {noun_phrase(spec, rng, with_size=False)} {pick_one(rng, _VERBS)[0]} "
+          f"{_towards(spec, rng)} and the {noun_phrase(spec.distractor, rng, with_size=False)} "
+          f"{pick_one(rng, _STILL_PHRASES)}")
 
 
 # Structurally different sentences: 5 different templates give 5 different captions.

@@ -17,7 +17,6 @@ annotations (MSRVTT_data.json) with the optional 1k-A test list (see `_select_vi
 """
 
 import csv
-import json
 import os
 import re
 
@@ -239,19 +238,6 @@ class FrameFolder:
     return _stack_in_order(frames, indices, self.path)
 
 
-def _load_json(path, what):
-  """The parsed json file at `path`; ValueError naming `path` and `what` it is otherwise."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise ValueError(f"{path}: {what} not found") from None
-  except (OSError, UnicodeDecodeError) as error:
-    raise ValueError(f"{path}: cannot read the {what} ({error})") from error
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: {what} is not JSON ({error})") from error
-
-
 def _parse_annotations(path):
   """MSRVTT_data.json -> (video ids in file order, {video id: split}, {video id: captions}).
 
@@ -259,7 +245,7 @@ def _parse_annotations(path):
   ...}]}; captions keep the order of "sentences". ValueError naming the path and the field for
   a missing or mistyped field, a repeated video id or a sentence of an unknown video.
   """
-  annotations = _load_json(path, "annotations file")
+  annotations = sources.load_json(path, "annotations file")
   video_ids, splits = [], {}
   for i, video in enumerate(sources.required_field(annotations, "videos", list, path)):
     video_id = sources.required_field(video, "video_id", str, f"{path}: videos[{i}]")
