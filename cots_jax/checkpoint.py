@@ -33,10 +33,12 @@ import grain
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import ml_collections
 import orbax.checkpoint as ocp
 
 from cots_jax import paths
 from cots_jax import vq_trainer
+from cots_jax.models import cots
 
 # Fields under config.model that leave the parameter shapes alone; every other model field
 # (also ones added later) counts as a change of shape.
@@ -47,6 +49,9 @@ MODEL_FIELDS_KEEPING_SHAPES = (
 # Fields outside config.model that shape the train state.
 STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
                       "temp.learnable")
+# A shape fact that no single field holds: COOKIE's cross_model terms add the towers' own
+# projections (`models.cots.needs_encoder_projections`).
+ENCODER_PROJECTIONS = "loss.cookie_intra_mode=cross_model projections"
 
 
 # ------------------------------------------------------------------------------------- workdir
@@ -72,12 +77,23 @@ def state_shape_fields(config_dict):
   values = _dotted_leaves(config_dict)
   keep = {f"model.{name}" for name in MODEL_FIELDS_KEEPING_SHAPES}
   names = [n for n in values if n.startswith("model.") and n not in keep] + list(STATE_SHAPE_FIELDS)
-  return {name: values.get(name) for name in names}
+  fields = {name: values.get(name) for name in names}
+  fields[ENCODER_PROJECTIONS] = _has_encoder_projections(config_dict)
+  return fields
+
+
+def _has_encoder_projections(config_dict):
+  """`needs_encoder_projections` of a config as JSON data; False for a config saved before
+  COOKIE's fields existed."""
+  try:
+    return cots.needs_encoder_projections(ml_collections.ConfigDict(config_dict))
+  except AttributeError:
+    return False
 
 
 def changed_shape_fields(saved, config_dict):
   """Lines `config.<field>: saved <a>, now <b>` for every shape field that differs."""
-  before, now = _dotted_leaves(saved), state_shape_fields(config_dict)
+  before, now = state_shape_fields(saved), state_shape_fields(config_dict)
   return [f"config.{name}: saved {before.get(name)!r}, now {value!r}"
           for name, value in now.items() if before.get(name) != value]
 

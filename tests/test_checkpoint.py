@@ -433,6 +433,22 @@ def test_a_workdir_of_another_model_shape_is_refused_unless_allowed(tmp_path):
     assert json.load(f)["model"]["text"]["width"] == 64
 
 
+def test_cookie_cross_model_projections_count_as_a_shape_change(tmp_path):
+  """cross_model adds the towers' own projections; a weight change alone keeps the shapes."""
+  workdir = str(tmp_path)
+  views = {"model.use_wst": True, "loss.cookie_vv": 1.0, "loss.cookie_intra_mode": "views"}
+  checkpoint.prepare_workdir(workdir, tiny_config(**views))
+  checkpoint.prepare_workdir(workdir, tiny_config(**{**views, "loss.cookie_vv": 0.5}))
+  cross = tiny_config(**{**views, "loss.cookie_intra_mode": "cross_model"})
+  with pytest.raises(ValueError) as error:
+    checkpoint.prepare_workdir(workdir, cross)
+  assert [line.strip() for line in str(error.value).splitlines()[1:-1]] == [
+      f"config.{checkpoint.ENCODER_PROJECTIONS}: saved False, now True"]
+  legacy = json.loads(tiny_config().to_json_best_effort())
+  del legacy["loss"]["cookie_intra_mode"]
+  assert not checkpoint.state_shape_fields(legacy)[checkpoint.ENCODER_PROJECTIONS]
+
+
 def test_state_shape_fields_cover_the_model_but_not_its_dtype_or_dropout():
   fields = checkpoint.state_shape_fields(json.loads(tiny_config().to_json_best_effort()))
   assert fields["model.image.width"] == 32 and fields["queue.size"] == 32
