@@ -443,8 +443,11 @@ def run_evals(evaluators, embed_fns, state):
   results = {}
   for suffix, key in ENCODER_SUFFIXES:
     params = state[key]
-    image_fn = lambda b, p=params: embed_images(p, pipeline.visual_input(b))  # noqa: E731
-    text_fn = lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"])  # noqa: E731
+    # One encoder's evaluators share the split's batches: each is embedded once.
+    image_fn = retrieval.memoized_embed_fn(
+        lambda b, p=params: embed_images(p, pipeline.visual_input(b)))
+    text_fn = retrieval.memoized_embed_fn(
+        lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"]))
     for name, run in evaluators.items():
       metrics = run(image_fn, text_fn)
       results.update({f"eval/{name}{suffix}/{metric}": value for metric, value in metrics.items()})

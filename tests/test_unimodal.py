@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.evaluators import retrieval
 
@@ -145,3 +146,50 @@ def test_image_instance_on_a_synthetic_eval_split():
   assert got == pytest.approx(reference_metrics(views[0] @ views[1].T, range(12), range(12),
                                                 (1, 5, 10)))
   assert got["r1"] < 100.0
+
+
+# ------------------------------------------------------------------- one embedding per batch
+
+
+def test_memoized_embed_fn_runs_once_per_distinct_batch():
+  calls = []
+
+  def embed(batch):
+    calls.append(batch["x"].copy())
+    return batch["x"] * 2.0
+
+  memo = retrieval.memoized_embed_fn(embed)
+  a = {"x": np.arange(4.0).reshape(2, 2), "valid": np.ones(2, bool)}
+  np.testing.assert_array_equal(memo(a), a["x"] * 2)
+  np.testing.assert_array_equal(memo({k: v.copy() for k, v in a.items()}), a["x"] * 2)
+  assert len(calls) == 1
+  memo({**a, "valid": np.array([True, False])})  # another array, another batch
+  memo({"x": a["x"].astype(np.float32), "valid": a["valid"]})  # another dtype, another batch
+  assert len(calls) == 3
+
+
+def test_run_evals_embeds_each_batch_once_per_encoder_and_scores_as_unshared():
+  """Retrieval and text matching read the same caption batches; with both encoders the texts
+  are embedded twice in all (once each), and the metrics are those of the evaluators run alone."""
+  config = common.base_config("tiny")
+  config.input.data.num_eval_images = 6
+  split = pipeline.make_eval_split(config, batch_size=4)
+  counts = {"images": 0, "texts": 0}
+
+  def embed_images(params, images):
+    counts["images"] += 1
+    return params * images.reshape(len(images), -1)[:, :8]
+
+  def embed_texts(params, ids, mask):
+    counts["texts"] += 1
+    return params * np.pad(ids * mask, ((0, 0), (0, 8)))[:, :8].astype(np.float32)
+
+  evaluators = train.make_evaluators(config, split)
+  results = train.run_evals(evaluators, (embed_images, embed_texts),
+                            {"params": 1.0, "params_ema": 2.0})
+  image_batches, text_batches = len(list(split.image_batches())), len(list(split.text_batches()))
+  view_batches = 2 * len(list(split.view_batches(0)))
+  assert counts == {"images": 2 * (image_batches + view_batches), "texts": 2 * text_batches}
+  alone = retrieval.TextMatchingEvaluator("tm", split).run(
+      lambda b: embed_texts(1.0, b["text_ids"], b["text_mask"]))
+  assert {k: results[f"eval/text_matching/{k}"] for k in alone} == alone

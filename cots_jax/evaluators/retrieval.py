@@ -19,6 +19,8 @@ fit in memory as one matrix; `retrieval_metrics` is the same computation on a si
 `top_k_chunked` (search, report) finds the best k gallery rows of each query the same way.
 """
 
+import hashlib
+
 import numpy as np
 
 
@@ -245,6 +247,34 @@ def embed_dataset(embed_fn, batches):
   if not kept:
     raise ValueError("embed_dataset got no batches")
   return np.concatenate(kept, axis=0)
+
+
+def memoized_embed_fn(embed_fn):
+  """`embed_fn` that runs once per distinct batch: results are kept by a digest of the batch's
+  arrays (names, shapes, dtypes, bytes). The evaluators of one eval read the same split batches
+  (captions: retrieval and text matching; clips: retrieval and direction), so each is embedded
+  once; different inputs (another view, another encoder's fn) are new batches.
+
+  Args:
+    embed_fn: batch dict of arrays -> [b, E] embeddings.
+
+  Returns:
+    batch dict -> [b, E] numpy array.
+  """
+  cache = {}
+
+  def embed(batch):
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(batch):
+      array = np.ascontiguousarray(batch[name])
+      digest.update(f"{name}:{array.shape}:{array.dtype};".encode())
+      digest.update(array.tobytes())
+    key = digest.digest()
+    if key not in cache:
+      cache[key] = np.asarray(embed_fn(batch))
+    return cache[key]
+
+  return embed
 
 
 class _SplitEvaluator:
