@@ -478,6 +478,12 @@ def _eval_summary(results):
 # -------------------------------------------------------------------------- train_and_evaluate
 
 
+def saved_final_eval(workdir):
+  """The final eval metrics a finished run wrote to WORKDIR/final_eval.json ({} if none)."""
+  path = epath.Path(workdir) / "final_eval.json"
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
 def train_and_evaluate(config, workdir):
   """Trains COTS (or COOKIE) as `config` says, writing logs, metrics and checkpoints to `workdir`.
 
@@ -486,7 +492,8 @@ def train_and_evaluate(config, workdir):
   run is being set up (VQ training, restore, compilation) saves after the first step instead of
   killing the process.
 
-  Returns the metrics of the final evaluation (`{"eval/<name>/<metric>": value}`).
+  Returns the metrics of the final evaluation (`{"eval/<name>/<metric>": value}`); for a run
+  whose latest checkpoint is already at `total_steps`, those it saved, without compiling.
   """
   with checkpoint.PreemptionWatch() as preemption:
     return _train_and_evaluate(config, workdir, preemption)
@@ -521,9 +528,6 @@ def _train_and_evaluate(config, workdir, preemption):
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
   logging.info("model: %.2fM parameters (online towers + heads)", num_params / 1e6)
 
-  # --- update step
-  update = jit_update(config, model, optimizer, mesh, state_shardings)
-
   # --- checkpoint: resume from the latest complete one (no fresh state is built first), else a
   # fresh state, with the public weights of model.*.init and then the run of init_from when set
   manager = checkpoint.checkpoint_manager(workdir, config)
@@ -535,6 +539,16 @@ def _train_and_evaluate(config, workdir, preemption):
     state = pretrained.init_pretrained_towers(config, state)
     if config.init_from:
       state = checkpoint.load_towers(config.init_from, state, use_ema=config.init_from_ema)
+  start_step = int(jax.device_get(state["step"]))
+  if start_step >= config.total_steps:
+    # A finished run started again (e.g. a whole job re-queued): nothing is compiled or run.
+    checkpoint.finish(manager)
+    writer.close()
+    logging.info("%s already holds the final step %d; nothing to train", workdir, start_step)
+    return saved_final_eval(workdir)
+
+  # --- update step
+  update = jit_update(config, model, optimizer, mesh, state_shardings)
 
   # --- evals
   evaluators = make_evaluators(config, eval_split)
@@ -542,7 +556,6 @@ def _train_and_evaluate(config, workdir, preemption):
 
   # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
   # give up when the processes reach the first one more than 30 s apart.
-  start_step = int(jax.device_get(state["step"]))
   first_batch = sharding.global_batch(next(train_iter), mesh)
   compile_start = time.perf_counter()
   update = update.lower(state, first_batch).compile()

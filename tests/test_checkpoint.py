@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cots_jax import checkpoint
+from cots_jax import inference
 from cots_jax import sharding
 from cots_jax import train
 from cots_jax import vq_trainer
@@ -455,6 +456,22 @@ def test_state_shape_fields_cover_the_model_but_not_its_dtype_or_dropout():
   assert fields["temp.learnable"] is False and fields["vq.codebook_size"] == 16
   assert "model.dtype" not in fields and "model.text.dropout" not in fields
   assert "total_steps" not in fields
+
+
+def test_a_finished_run_started_again_returns_its_final_eval_without_compiling(
+    trained_run, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run, workdir)
+  metrics_before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError("a finished run built its update step")
+
+  monkeypatch.setattr(train, "jit_update", no_compiling)
+  results = train.train_and_evaluate(inference.load_run_config(workdir), workdir)
+  with open(os.path.join(workdir, "final_eval.json"), encoding="utf-8") as f:
+    assert results == json.load(f) and "eval/retrieval/i2t_r1" in results
+  assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics_before
 
 
 def test_preemption_watch_turns_sigterm_into_a_request_and_restores_the_handler():
