@@ -244,6 +244,9 @@ def base_config(size="tiny"):
   c.input.view_flip_prob = 0.0
   # An unreadable image or an empty caption: "skip" (count it in data/skipped) or "fail".
   c.input.on_bad_example = "skip"
+  # Batches of whole source groups (synthetic_video: the 4 clips that differ only in direction,
+  # one caption each), so each clip meets its twins as in-batch negatives.
+  c.input.group_batches = False
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
   c.input.prefetch = 2  # batches read ahead by threads; 0 = synchronous
   c.input.data = ml_collections.ConfigDict()

@@ -30,6 +30,9 @@ def get_config(arg=None):
   config = common.base_config(arg.model)
   config.input.data.name = "synthetic_video" if arg.data == "synthetic" else "msrvtt"
   config.model.temporal_agg = arg.agg
+  # Random batches rarely hold a clip's direction twins, so nothing would ask the model for
+  # frame order; batches of whole groups (the 4 directions of one appearance) do.
+  config.input.group_batches = arg.data == "synthetic"
   config.model.num_frames = 4 if arg.model == "tiny" else 8
   config.loss.update(itc=1.0, mlm=0.0, mvm=0.0, kl_align=0.0)
   config.queue.multi_positive = config.queue.in_batch_negatives = True

@@ -91,6 +91,41 @@ def pair_table(source):
   return np.stack([images, np.arange(len(images)) - first_pair_of_image], axis=1).astype(np.int32)
 
 
+def group_pair_blocks(pairs, group_size):
+  """`pair_table` rows -> int64 [P / group_size, group_size] blocks for `input.group_batches`:
+  the source's items form groups of `group_size` consecutive indices, and block b of a group
+  holds the b-th pair (row index) of each of its items, so a block is one caption of every
+  item of the group.
+
+  Raises:
+    ValueError when the items do not split into whole groups, or the items of a group have
+    different caption counts.
+  """
+  counts = np.bincount(pairs[:, 0])
+  if len(counts) % group_size:
+    raise ValueError(f"input.group_batches: {len(counts)} source items do not split into groups "
+                     f"of {group_size}")
+  per_group = counts.reshape(-1, group_size)
+  uneven = np.flatnonzero((per_group != per_group[:, :1]).any(axis=1))
+  if uneven.size:
+    raise ValueError(f"input.group_batches: the items of group {uneven[0]} have different "
+                     f"caption counts {per_group[uneven[0]].tolist()}")
+  first_rows = (np.cumsum(counts) - counts).reshape(-1, group_size)
+  return np.concatenate([rows[None, :] + np.arange(n)[:, None]
+                         for rows, n in zip(first_rows, per_group[:, 0])]).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockRow:
+  """Example k -> the pair-table row in slot k % G of block `order[k // G]`."""
+  blocks: np.ndarray  # [num_blocks, G]
+  order: Any  # MapDataset of block indices, reshuffled every epoch
+
+  def __call__(self, example):
+    group_size = self.blocks.shape[1]
+    return int(self.blocks[self.order[example // group_size], example % group_size])
+
+
 def _patch_grid(config):
   """(grid_h, grid_w) of ViT patches; the image side must be a multiple of the patch size."""
   image_size, patch_size = config.model.image.image_size, config.model.image.patch_size
@@ -307,6 +342,9 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
   N = patches per image. A video source (`is_video`) gives `video` float32 [B, T, H, W, 3] (T =
   model.num_frames, sampled by `ImageTransform.clip_pixels`) instead of `image`. With
+  input.group_batches, every batch holds whole groups of the source (`batch_group_size`
+  consecutive items, e.g. synthetic clips that differ only in direction), one caption each, as
+  in-batch hard negatives of each other (`group_pair_blocks`). With
   input.second_view, also image_view float32 [B, H, W, 3] in
   [-1, 1]: a second view of the same decoded image, random-resized crop (area fraction in
   input.view_crop_scale) + flip (input.view_flip_prob), drawn with the pair's own rng after
@@ -333,11 +371,33 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
       num_masked_patches=masking.num_mvm_masked(inp.mvm_prob, grid_h * grid_w),
       mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
       on_bad_example=inp.on_bad_example)
-  examples = (grain.MapDataset.range(len(pairs))
-              .shuffle(seed=config.seed)
-              .repeat()
-              .random_map(make_pair, seed=config.seed)[process_index::process_count])
+  if inp.group_batches:
+    rows = _grouped_rows(source, pairs, batch_size // process_count, config.seed,
+                         process_index, process_count)
+    examples = rows.random_map(make_pair, seed=config.seed)
+  else:
+    examples = (grain.MapDataset.range(len(pairs))
+                .shuffle(seed=config.seed)
+                .repeat()
+                .random_map(make_pair, seed=config.seed)[process_index::process_count])
   return _batched(examples, batch_size // process_count, inp)
+
+
+def _grouped_rows(source, pairs, process_batch, seed, process_index, process_count):
+  """The endless pair-table rows of this process for `input.group_batches`: blocks
+  (`group_pair_blocks`) shuffled anew every epoch, dealt to the processes block by block, so
+  every batch holds whole groups."""
+  group_size = getattr(source, "batch_group_size", None)
+  if group_size is None:
+    raise ValueError(f"input.group_batches: the {type(source).__name__} source has no groups "
+                     "(only synthetic_video has: clips that differ only in direction)")
+  if process_batch % group_size:
+    raise ValueError(f"input.group_batches: a batch of {process_batch} pairs per process does "
+                     f"not hold whole groups of {group_size}")
+  blocks = group_pair_blocks(pairs, group_size)
+  order = (grain.MapDataset.range(len(blocks)).shuffle(seed=seed).repeat()
+           [process_index::process_count])
+  return grain.MapDataset.range(len(order)).map(_BlockRow(blocks, order))
 
 
 def make_train_iterator(config, *, process_index=0, process_count=1):

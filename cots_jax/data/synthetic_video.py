@@ -303,6 +303,9 @@ class SyntheticVideos:
     """The 5 captions of clip `index`, without drawing its frames."""
     return self._describe(index, self.clip_spec(index))
 
+  # Clips 4g .. 4g + 3 differ only in direction: `input.group_batches` keeps them in one batch.
+  batch_group_size = DIRECTIONS_PER_GROUP
+
   def caption_counts(self):
     """int64 [num_videos]: 5 captions per clip."""
     return np.full(self.num_videos, synthetic.CAPTIONS_PER_IMAGE, np.int64)
