@@ -145,3 +145,50 @@ def test_an_unreadable_video_is_skipped_and_counted_or_stops_the_run(tmp_path):
   with pytest.raises(Exception, match=r"video0.mp4: cannot decode video"):
     for _ in range(8):
       next(failing_iterator)
+
+
+# -------------------------------------------------------------------- batches of whole groups
+
+
+def test_group_pair_blocks_take_one_caption_of_every_item_of_a_group():
+  pairs = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1],
+                    [3, 2]])
+  np.testing.assert_array_equal(pipeline.group_pair_blocks(pairs, 2),
+                                [[0, 2], [1, 3], [4, 7], [5, 8], [6, 9]])
+  with pytest.raises(ValueError, match="group 0 have different caption counts \\[1, 2\\]"):
+    pipeline.group_pair_blocks(pairs[1:], 2)
+  with pytest.raises(ValueError, match="3 source items do not split into groups of 2"):
+    pipeline.group_pair_blocks(pairs[:7], 2)
+
+
+def pair_keys(batch):
+  """(clip, caption tokens) of every row: the identity of a training pair."""
+  return [(int(i), tuple(ids)) for i, ids in zip(batch["image_id"], batch["text_ids"])]
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_grouped_batches_hold_whole_direction_groups_and_cover_every_pair_once(process_count):
+  """24 clips = 6 groups x 5 captions = 120 pairs: 15 batches of 8 make one epoch, whatever the
+  number of processes; every batch is whole groups, each clip once."""
+  config = video_config()
+  assert config.input.group_batches
+  epoch = []
+  for index in range(process_count):
+    iterator = pipeline.make_train_iterator(config, process_index=index,
+                                            process_count=process_count)
+    for _ in range(15):  # per process: 15 batches of 8 // process_count pairs
+      batch = next(iterator)
+      ids = batch["image_id"].reshape(-1, 4)
+      np.testing.assert_array_equal(ids - ids[:, :1], np.tile(np.arange(4), (len(ids), 1)))
+      assert (ids[:, 0] % 4 == 0).all()
+      epoch += pair_keys(batch)
+  assert len(epoch) == len(set(epoch)) == 120
+  assert len({clip for clip, _ in epoch}) == 24
+
+
+def test_group_batches_errors():
+  with pytest.raises(ValueError, match="SyntheticCaptions source has no groups"):
+    next(pipeline.make_train_iterator(tiny_config(**{"input.group_batches": True})))
+  with pytest.raises(ValueError, match="a batch of 6 pairs per process does not hold whole "
+                                       "groups of 4"):
+    next(pipeline.make_train_iterator(video_config(**{"input.batch_size": 6})))
