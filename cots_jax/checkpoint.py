@@ -271,7 +271,7 @@ def checkpoints_directory(path):
   return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
 
 
-def restore_params(path, target, step=None, what="checkpoint"):
+def restore_params(path, target, step=None, what="checkpoint", optional=()):
   """Restores some parameter trees of a run's checkpoint, and nothing else of its state.
 
   Args:
@@ -280,6 +280,8 @@ def restore_params(path, target, step=None, what="checkpoint"):
       "params_ema": the trees wanted, in the shapes and shardings wanted.
     step: the checkpoint step; None = the latest complete one.
     what: how errors name `path` (e.g. "config.init_from").
+    optional: top-level subtrees of the trees (e.g. "temporal") that the checkpoint may lack;
+      those it lacks are left out of `restored`.
 
   Returns:
     (restored {name: tree of arrays}, step).
@@ -302,6 +304,9 @@ def restore_params(path, target, step=None, what="checkpoint"):
       raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint of step {step} in "
                               f"{directory} (steps there: {sorted(steps)})")
     saved = manager.item_metadata(step)["state"].tree
+    target = {name: {key: value for key, value in tree.items()
+                     if key not in optional or key in saved.get(name, {})}
+              for name, tree in target.items()}
     differences = tree_differences(target, {name: saved.get(name, {}) for name in target})
     if differences:
       raise ValueError(f"{what}={str(path)!r} (step {step}) does not fit this model:\n  "
@@ -315,10 +320,17 @@ def restore_params(path, target, step=None, what="checkpoint"):
   return restored, step
 
 
+# Parameter subtrees that a fine-tuning run may add to the model it loads: a video run's temporal
+# transformer on an image-text run. They start fresh when the loaded run has none.
+ADDED_BY_FINE_TUNING = ("temporal",)
+
+
 def load_towers(path, state, use_ema=False):
   """`state` with params (and params_ema) of another run's latest checkpoint, for fine-tuning.
 
-  The optimizer, queues, AMF statistics, step and rng of `state` stay as they are (fresh).
+  The optimizer, queues, AMF statistics, step and rng of `state` stay as they are (fresh), and
+  so do the subtrees of ADDED_BY_FINE_TUNING that the run lacks; every other parameter must be
+  in the run's checkpoint, in the same shape.
 
   Args:
     path: that run's workdir, or its checkpoints directory (local or gs://).
@@ -331,9 +343,16 @@ def load_towers(path, state, use_ema=False):
   """
   names = ("params", "params_ema") if use_ema else ("params",)
   target = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"]) for name in names}
-  restored, _ = restore_params(path, target, what="config.init_from")
-  params_ema = restored["params_ema"] if use_ema else jax.tree.map(jnp.copy, restored["params"])
-  return dict(state, params=restored["params"], params_ema=params_ema)
+  restored, _ = restore_params(path, target, what="config.init_from",
+                               optional=ADDED_BY_FINE_TUNING)
+  fresh = sorted(set(state["params"]) - set(restored["params"]))
+  if fresh:
+    logging.info("config.init_from has no %s: they start from their fresh initialisation",
+                 ", ".join(fresh))
+  params = {**state["params"], **restored["params"]}
+  params_ema = ({**state["params_ema"], **restored["params_ema"]} if use_ema
+                else jax.tree.map(jnp.copy, params))
+  return dict(state, params=params, params_ema=params_ema)
 
 
 # --------------------------------------------------------------------------------- preemption

@@ -3,15 +3,19 @@ video runs end to end on the synthetic clips and on an MSR-VTT layout the test w
 
 import json
 
+import chex
+import jax
 import numpy as np
 import pytest
 
 from configs import video_retrieval
+from cots_jax import checkpoint
 from cots_jax import config_validation
+from cots_jax import inference
 from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import video
-from support import tiny_config, write_video
+from support import build, tiny_config, write_video
 
 VIDEO_TINY = {"input.batch_size": 8, "queue.size": 32, "total_steps": 6, "log_every": 3,
               "checkpoint_every": 0, "model.num_frames": 3, "input.data.num_train_images": 24,
@@ -192,3 +196,16 @@ def test_group_batches_errors():
   with pytest.raises(ValueError, match="a batch of 6 pairs per process does not hold whole "
                                        "groups of 4"):
     next(pipeline.make_train_iterator(video_config(**{"input.batch_size": 6})))
+
+
+def test_a_temporal_transformer_fine_tunes_from_an_image_text_run(trained_run):
+  """Towers and heads come from the run; the temporal transformer, which the run lacks, keeps
+  its fresh initialisation, in the online and (copied) momentum parameters."""
+  state, _, _ = build(video_config("runlocal,agg=transformer"))
+  loaded = checkpoint.load_towers(trained_run, state)
+  run = inference.TrainedRun.load(trained_run).params["params"]
+  assert set(loaded["params"]) == set(run) | {"temporal"}
+  for name in run:
+    chex.assert_trees_all_equal(jax.device_get(loaded["params"][name]), jax.device_get(run[name]))
+  chex.assert_trees_all_equal(loaded["params"]["temporal"], state["params"]["temporal"])
+  chex.assert_trees_all_equal(loaded["params_ema"], loaded["params"])
