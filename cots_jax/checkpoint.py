@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from cots_jax import paths
 from cots_jax import vq_trainer
+from cots_jax.data import pipeline
 from cots_jax.models import cots
 
 # Fields under config.model that leave the parameter shapes alone; every other model field
@@ -45,13 +46,17 @@ from cots_jax.models import cots
 MODEL_FIELDS_KEEPING_SHAPES = (
     "dtype", "remat", "pool", "mvlm_global_src", "mvlm_global_stopgrad", "image.dropout",
     "image.init", "image.layer_norm_eps", "image.gelu", "text.dropout", "text.init",
-    "text.layer_norm_eps", "text.gelu", "wst_pool", "wst_dropout")
+    "text.layer_norm_eps", "text.gelu", "wst_pool", "wst_dropout", "temporal_agg", "num_frames",
+    "temporal_layers")
 # Fields outside config.model that shape the train state.
 STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
                       "temp.learnable")
 # A shape fact that no single field holds: COOKIE's cross_model terms add the towers' own
 # projections (`models.cots.needs_encoder_projections`).
 ENCODER_PROJECTIONS = "loss.cookie_intra_mode=cross_model projections"
+# Another: only a temporal transformer on video data has parameters, whose shapes its frame count
+# and depth fix; mean pooling has none, and image runs build no temporal module at all.
+TEMPORAL_TRANSFORMER = "model.temporal_agg=transformer (num_frames, temporal_layers)"
 
 
 # ------------------------------------------------------------------------------------- workdir
@@ -79,6 +84,7 @@ def state_shape_fields(config_dict):
   names = [n for n in values if n.startswith("model.") and n not in keep] + list(STATE_SHAPE_FIELDS)
   fields = {name: values.get(name) for name in names}
   fields[ENCODER_PROJECTIONS] = _has_encoder_projections(config_dict)
+  fields[TEMPORAL_TRANSFORMER] = _temporal_transformer_shape(config_dict)
   return fields
 
 
@@ -89,6 +95,16 @@ def _has_encoder_projections(config_dict):
     return cots.needs_encoder_projections(ml_collections.ConfigDict(config_dict))
   except AttributeError:
     return False
+
+
+def _temporal_transformer_shape(config_dict):
+  """[num_frames, temporal_layers] when the config trains a temporal transformer on video data,
+  else None (also for a config saved before the video fields existed)."""
+  model = config_dict.get("model", {})
+  video = config_dict.get("input", {}).get("data", {}).get("name") in pipeline.VIDEO_SOURCES
+  if not video or model.get("temporal_agg") != "transformer":
+    return None
+  return [model["num_frames"], model["temporal_layers"]]
 
 
 def changed_shape_fields(saved, config_dict):

@@ -450,6 +450,27 @@ def test_cookie_cross_model_projections_count_as_a_shape_change(tmp_path):
   assert not checkpoint.state_shape_fields(legacy)[checkpoint.ENCODER_PROJECTIONS]
 
 
+def test_only_a_temporal_transformer_on_video_counts_as_a_temporal_shape(tmp_path):
+  """Mean pooling has no parameters, so its frame count may change, and a config saved before
+  the video fields existed still resumes; a temporal transformer's frames and depth may not."""
+  workdir = str(tmp_path)
+  video = {"input.data.name": "synthetic_video", "model.num_frames": 4}
+  checkpoint.prepare_workdir(workdir, tiny_config(**video))
+  checkpoint.prepare_workdir(workdir, tiny_config(**{**video, "model.num_frames": 8}))
+  transformer = {**video, "model.temporal_agg": "transformer", "model.temporal_layers": 1}
+  with pytest.raises(ValueError) as error:
+    checkpoint.prepare_workdir(workdir, tiny_config(**transformer))
+  assert [line.strip() for line in str(error.value).splitlines()[1:-1]] == [
+      f"config.{checkpoint.TEMPORAL_TRANSFORMER}: saved None, now [4, 1]"]
+  image_run = tiny_config(**{"model.temporal_agg": "transformer"})
+  assert checkpoint.state_shape_fields(
+      json.loads(image_run.to_json_best_effort()))[checkpoint.TEMPORAL_TRANSFORMER] is None
+  legacy = json.loads(tiny_config().to_json_best_effort())
+  for field in ("temporal_agg", "num_frames", "temporal_layers"):
+    del legacy["model"][field]
+  assert not checkpoint.changed_shape_fields(legacy, json.loads(tiny_config().to_json_best_effort()))
+
+
 def test_state_shape_fields_cover_the_model_but_not_its_dtype_or_dropout():
   fields = checkpoint.state_shape_fields(json.loads(tiny_config().to_json_best_effort()))
   assert fields["model.image.width"] == 32 and fields["queue.size"] == 32
