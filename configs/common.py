@@ -88,6 +88,8 @@ def model_config(size="tiny"):
   m.image.dropout = 0.0
   m.image.layer_norm_eps = 1e-6
   m.image.gelu = "exact"  # exact (erf) | tanh
+  # Patch positions: "learn" (small-initialised, as hub checkpoints) | "sincos2d" (fixed).
+  m.image.posemb = "learn"
   # A local ViT checkpoint (cots_jax/pretrained.py): a Hugging Face ViTModel directory, a timm
   # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
   # size stays, position embeddings are interpolated to it) and its weights the tower's.

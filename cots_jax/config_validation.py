@@ -18,6 +18,7 @@ CHOICES = {
     "loss.cookie_intra_mode": ("views", "cross_model"),
     "model.text.gelu": ("exact", "tanh"),
     "model.image.gelu": ("exact", "tanh"),
+    "model.image.posemb": ("learn", "sincos2d"),
     "vq.codebook_update": ("ema", "st"),
     "momentum.schedule": ("constant", "cosine"),
     "kl.direction": ("sym", "i2t_to_t2i", "t2i_to_i2t"),
@@ -92,6 +93,11 @@ def _validate_model(config):
   if image.image_size % image.patch_size:
     _fail("model.image.image_size", image.image_size,
           f"must be a multiple of config.model.image.patch_size={image.patch_size}")
+  if image.posemb == "sincos2d" and image.width % 4:
+    _fail("model.image.width", image.width, "must be divisible by 4 for posemb='sincos2d'")
+  if image.posemb != "learn" and image.init:
+    _fail("model.image.posemb", image.posemb, "must be 'learn' with model.image.init: hub ViT "
+          "checkpoints carry learned position embeddings")
   for tower in ("image", "text"):
     group = config.model[tower]
     if group.width % group.heads:

@@ -69,6 +69,7 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("optim.warmup_steps", 5000, r"config.optim.warmup_steps=5000 must be smaller"),
     ("input.on_bad_example", "error", r"config.input.on_bad_example='error' must be one of"),
     ("input.augment", "flip", r"config.input.augment='flip' must be one of"),
+    ("model.image.posemb", "rope", r"config.model.image.posemb='rope' must be one of"),
     ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
     ("input.data.name", "captions_json",
      r"config.input.data.annotations='' must be set for input.data.name='captions_json'"),
@@ -90,6 +91,18 @@ def test_invalid_values_fail_with_one_line_naming_the_field(field, value, messag
   with pytest.raises(ValueError, match=message) as error:
     config_validation.validate(config)
   assert "\n" not in str(error.value)
+
+
+def test_sincos2d_positions_need_a_width_of_fours_and_no_hub_weights():
+  config = pretrain.get_config()
+  config.model.image.posemb = "sincos2d"
+  config_validation.validate(config)
+  config.model.image.update(width=198, heads=3)
+  with pytest.raises(ValueError, match="image.width=198 must be divisible by 4 for posemb"):
+    config_validation.validate(config)
+  config.model.image.update(width=192, init="vit-b16.npz")
+  with pytest.raises(ValueError, match="posemb='sincos2d' must be 'learn' with model.image.init"):
+    config_validation.validate(config)
 
 
 def test_all_loss_weights_zero_is_refused():

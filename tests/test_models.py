@@ -319,6 +319,37 @@ def test_vit_mask_semantics_through_the_tower(tiny):
                              atol=2e-4)
 
 
+def np_sincos_2d(grid, width):
+  """Fixed patch positions, written per patch and channel: for column c and row r of patch
+  r * grid + c, channel quarters sin(c w_k), cos(c w_k), sin(r w_k), cos(r w_k)."""
+  quarter = width // 4
+  emb = np.zeros((grid * grid, width))
+  for r in range(grid):
+    for c in range(grid):
+      for k in range(quarter):
+        w = 10_000.0 ** (-k / (quarter - 1))
+        emb[r * grid + c, [k, quarter + k, 2 * quarter + k, 3 * quarter + k]] = [
+            np.sin(c * w), np.cos(c * w), np.sin(r * w), np.cos(r * w)]
+  return emb
+
+
+def test_vit_sincos2d_positions_are_fixed_and_cls_gets_none():
+  vit = ViT(image_size=12, patch_size=4, width=8, depth=1, heads=2, posemb="sincos2d")
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 12, 12, 3)).astype(np.float32)
+  params = _init(vit, jnp.asarray(images))
+  assert "pos_embed" not in params
+  p = to_np(params)
+  p["pos_embed"] = np.concatenate([np.zeros((1, 8)), np_sincos_2d(3, 8)])[None]
+  np.testing.assert_allclose(vit.apply({"params": params}, images), np_vit(p, images, None, 2, 4),
+                             atol=2e-4)
+  with pytest.raises(ValueError, match="posemb must be 'learn' or 'sincos2d'"):
+    ViT(image_size=8, patch_size=4, width=8, depth=1, heads=2, posemb="rope").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="width divisible by 4, got 6"):
+    ViT(image_size=8, patch_size=4, width=6, depth=1, heads=2, posemb="sincos2d").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
 def test_vit_rejects_wrong_shapes():
   vit = ViT(image_size=8, patch_size=4, width=8, depth=1, heads=2)
   params = _init(vit, jnp.zeros((1, 8, 8, 3)))

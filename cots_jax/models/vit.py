@@ -52,6 +52,21 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+def posemb_sincos_2d(grid_size, width, temperature=10_000.0):
+  """Fixed 2-D sine-cosine position embeddings of a grid_size x grid_size patch grid (row-major,
+  as the patch tokens): `[1, grid_size**2, width]`, width a multiple of 4. A quarter of the
+  channels each holds sin(x w), cos(x w), sin(y w), cos(y w) for the column x and row y, at
+  frequencies w = temperature^(-k / (width/4 - 1)), k = 0 .. width/4 - 1."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+  quarter = width // 4
+  rows, cols = jnp.meshgrid(jnp.arange(grid_size), jnp.arange(grid_size), indexing="ij")
+  omega = temperature ** -(jnp.arange(quarter) / max(quarter - 1, 1))
+  x = cols.reshape(-1, 1) * omega
+  y = rows.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
+
+
 class ViT(nn.Module):
   """Vision transformer returning all tokens, [CLS] first.
 
@@ -64,6 +79,10 @@ class ViT(nn.Module):
     remat: rematerialise each block in the backward pass (saves activation memory).
     layer_norm_eps: LayerNorm epsilon (1e-6 as timm / big_vision; Hugging Face ViT uses 1e-12).
     gelu: "exact" (erf: timm, Hugging Face) or "tanh" (big_vision / AugReg, flax's default).
+    posemb: "learn" (a learned `pos_embed` for [CLS] and every patch, initialised small, as the
+      hub checkpoints have) or "sincos2d" (fixed 2-D sine-cosine patch positions, none for
+      [CLS], as big_vision's posemb="sincos2d": no parameter, and position is visible from step
+      0 at the scale of the patch embeddings).
   """
   image_size: int
   patch_size: int
@@ -76,6 +95,7 @@ class ViT(nn.Module):
   remat: bool = False
   layer_norm_eps: float = 1e-6
   gelu: str = "exact"
+  posemb: str = "learn"
 
   @classmethod
   def from_config(cls, image_config, dtype=jnp.float32, remat=False):
@@ -84,7 +104,7 @@ class ViT(nn.Module):
                width=image_config.width, depth=image_config.depth, heads=image_config.heads,
                mlp_ratio=image_config.mlp_ratio, dropout=image_config.dropout, dtype=dtype,
                remat=remat, layer_norm_eps=image_config.layer_norm_eps,
-               gelu=image_config.gelu)
+               gelu=image_config.gelu, posemb=image_config.posemb)
 
   @property
   def grid_size(self):
@@ -128,8 +148,13 @@ class ViT(nn.Module):
 
     cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
-    pos = self.param("pos_embed", nn.initializers.normal(0.02),
-                     (1, 1 + self.num_patches, self.width))
+    if self.posemb == "learn":
+      pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                       (1, 1 + self.num_patches, self.width))
+    elif self.posemb == "sincos2d":
+      pos = jnp.pad(posemb_sincos_2d(self.grid_size, self.width), ((0, 0), (1, 0), (0, 0)))
+    else:
+      raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
 
     block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
