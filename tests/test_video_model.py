@@ -32,9 +32,34 @@ def test_mean_aggregation_has_no_parameters_and_ignores_frame_order():
                              rtol=1e-6)
 
 
+def _with_trained_output(params):
+  """The aggregator's parameters with a random (not zero-initialised) output projection."""
+  out = params["params"]["out"]
+  kernel = jax.random.normal(jax.random.key(7), out["kernel"].shape)
+  return {"params": {**params["params"], "out": {**out, "kernel": kernel}}}
+
+
+def test_transformer_aggregation_starts_as_mean_pooling():
+  module, params, frames = _aggregator("transformer")
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+  np.testing.assert_allclose(module.apply(params, frames, mask),
+                             temporal.masked_frame_mean(frames, mask), atol=1e-6)
+
+
+def test_transformer_aggregation_reads_deviations_from_the_clip_mean():
+  """Shifting every frame by one vector shifts the clip vector by it and changes nothing else:
+  the transformer sees only the frames' deviations from their mean."""
+  module, params, frames = _aggregator("transformer")
+  params = _with_trained_output(params)
+  shift = jax.random.normal(jax.random.key(3), (2, 1, 8)) * 10
+  np.testing.assert_allclose(module.apply(params, frames + shift),
+                             module.apply(params, frames) + shift[:, 0], atol=1e-4)
+
+
 def test_transformer_aggregation_sees_frame_order_and_ignores_masked_frames():
   module, params, frames = _aggregator("transformer")
   assert params["params"]["frame_pos_embed"].shape == (1, 4, 8)
+  params = _with_trained_output(params)
   out = module.apply(params, frames)
   assert out.shape == (2, 8)
   assert np.abs(np.asarray(module.apply(params, frames[:, ::-1]) - out)).max() > 1e-4
@@ -81,6 +106,9 @@ def test_transformer_aggregation_parameters_exist_for_video_input_only():
   width = config.model.image.width
   assert video_params["temporal"]["frame_pos_embed"].shape == (1, 3, width)
   assert "temporal" not in image_params
+  out = video_params["temporal"]["out"]
+  assert out["kernel"].shape == (width, width) and not np.asarray(out["kernel"]).any()
+  video_params["temporal"]["out"]["kernel"] = jax.random.normal(jax.random.key(3), (width, width))
   video = jax.random.uniform(jax.random.key(2), (2, 3, size, size, 3))
   embed, _ = model.apply({"params": video_params}, video, method=model.video_embedding)
   np.testing.assert_allclose(np.linalg.norm(embed, axis=-1), 1.0, rtol=1e-5)

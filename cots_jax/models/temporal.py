@@ -1,9 +1,18 @@
 """Temporal aggregation of per-frame vectors into one video vector (method §4 items 9, 28).
 
 The image tower encodes every frame of a clip (as one `[B*T, H, W, 3]` batch); this module turns
-the `[B, T, D]` frame vectors into `[B, D]`: the mean over the real frames ("mean"), or a small
-pre-LN transformer over the frames with learned frame positions, then that mean
+the `[B, T, D]` frame vectors into `[B, D]`: the mean over the real frames ("mean"), or that mean
+plus what a small pre-LN transformer with learned frame positions reads from the frames
 ("transformer"), which is what lets a model see frame order.
+
+The transformer sees each frame's deviation from the clip mean, not the frame itself. The frames
+of one clip are nearly equal: their common part (what is in the clip) is many times larger than
+their differences (where things are in each frame), and only the differences carry order. Fed the
+raw frames, the blocks' LayerNorms scale the common part to unit size, the differences arrive as a
+small fraction of it, and learning frame order from them is slow (measured on the synthetic clips:
+a direction probe on frozen frame vectors stayed at chance after 600 steps fed raw frames, and
+reached 90% fed the deviations). The transformer's reading enters through a zero-initialised
+projection, so at init the aggregation is exactly mean pooling and training adds the residual.
 """
 
 from typing import Any
@@ -52,13 +61,16 @@ class TemporalAggregator(nn.Module):
     if self.mode == "mean":
       return masked_frame_mean(frames, frame_mask)
     width = frames.shape[-1]
+    clip_mean = masked_frame_mean(frames, frame_mask)
     positions = self.param("frame_pos_embed", nn.initializers.normal(0.02),
                            (1, self.num_frames, width))
-    x = frames.astype(self.dtype) + positions.astype(self.dtype)
+    x = (frames - clip_mean[:, None]).astype(self.dtype) + positions.astype(self.dtype)
     attention_mask = (None if frame_mask is None
                       else nn.make_attention_mask(frame_mask > 0, frame_mask > 0))
     for i in range(self.layers):
       x = EncoderBlock(self.heads, round(width * self.mlp_ratio), self.dropout, self.dtype,
                        name=f"block_{i}")(x, train, attention_mask)
     x = nn.LayerNorm(1e-6, dtype=self.dtype, name="norm")(x)
-    return masked_frame_mean(x, frame_mask)
+    reading = nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                       name="out")(masked_frame_mean(x, frame_mask))
+    return clip_mean + reading.astype(clip_mean.dtype)
