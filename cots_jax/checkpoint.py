@@ -51,6 +51,9 @@ MODEL_FIELDS_KEEPING_SHAPES = (
 # Fields outside config.model that shape the train state.
 STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
                       "temp.learnable")
+# Shape fields added after workdirs existed, with the value that a config saved before them
+# implied (what the code of that time built), so that such a workdir still resumes.
+LEGACY_VALUES = {"model.image.posemb": "learn"}
 # A shape fact that no single field holds: COOKIE's cross_model terms add the towers' own
 # projections (`models.cots.needs_encoder_projections`).
 ENCODER_PROJECTIONS = "loss.cookie_intra_mode=cross_model projections"
@@ -81,8 +84,9 @@ def state_shape_fields(config_dict):
   """
   values = _dotted_leaves(config_dict)
   keep = {f"model.{name}" for name in MODEL_FIELDS_KEEPING_SHAPES}
-  names = [n for n in values if n.startswith("model.") and n not in keep] + list(STATE_SHAPE_FIELDS)
-  fields = {name: values.get(name) for name in names}
+  names = ([n for n in values if n.startswith("model.") and n not in keep]
+           + [n for n in LEGACY_VALUES if n not in values] + list(STATE_SHAPE_FIELDS))
+  fields = {name: values.get(name, LEGACY_VALUES.get(name)) for name in names}
   fields[ENCODER_PROJECTIONS] = _has_encoder_projections(config_dict)
   fields[TEMPORAL_TRANSFORMER] = _temporal_transformer_shape(config_dict)
   return fields

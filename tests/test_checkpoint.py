@@ -471,6 +471,17 @@ def test_only_a_temporal_transformer_on_video_counts_as_a_temporal_shape(tmp_pat
   assert not checkpoint.changed_shape_fields(legacy, json.loads(tiny_config().to_json_best_effort()))
 
 
+def test_a_config_saved_before_a_shape_field_existed_has_its_legacy_value():
+  """Configs saved before `image.posemb` existed had learned positions: they resume under
+  posemb="learn" and are refused under "sincos2d" (whose state has no pos_embed)."""
+  legacy = json.loads(tiny_config().to_json_best_effort())
+  del legacy["model"]["image"]["posemb"]
+  assert not checkpoint.changed_shape_fields(legacy, json.loads(tiny_config().to_json_best_effort()))
+  sincos = json.loads(tiny_config(**{"model.image.posemb": "sincos2d"}).to_json_best_effort())
+  assert checkpoint.changed_shape_fields(legacy, sincos) == [
+      "config.model.image.posemb: saved 'learn', now 'sincos2d'"]
+
+
 def test_state_shape_fields_cover_the_model_but_not_its_dtype_or_dropout():
   fields = checkpoint.state_shape_fields(json.loads(tiny_config().to_json_best_effort()))
   assert fields["model.image.width"] == 32 and fields["queue.size"] == 32
