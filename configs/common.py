@@ -73,7 +73,8 @@ def model_config(size="tiny"):
   m.wst_mlp_ratio = 4.0
   m.wst_dropout = 0.0
   # Video (method §4 items 9, 28): frames per clip, and how their vectors become one:
-  # "mean" or "transformer" (`temporal_layers` pre-LN layers over learned frame positions).
+  # "mean" or "transformer" (the mean plus what `temporal_layers` pre-LN layers over learned frame
+  # positions read from the frames' deviations from it; models/temporal.py).
   m.num_frames = 4
   m.temporal_agg = "mean"
   m.temporal_layers = 2

@@ -9,9 +9,10 @@ The transformer sees each frame's deviation from the clip mean, not the frame it
 of one clip are nearly equal: their common part (what is in the clip) is many times larger than
 their differences (where things are in each frame), and only the differences carry order. Fed the
 raw frames, the blocks' LayerNorms scale the common part to unit size, the differences arrive as a
-small fraction of it, and learning frame order from them is slow (measured on the synthetic clips:
-a direction probe on frozen frame vectors stayed at chance after 600 steps fed raw frames, and
-reached 90% fed the deviations). The transformer's reading enters through a zero-initialised
+small fraction of it, and learning frame order from them is slow. Measured on the synthetic
+clips (frozen random-init towers with sincos2d positions, a 2-layer aggregator + linear head
+trained 600 steps at lr 3e-4 to classify the direction): 36% accuracy fed the raw frames (chance
+25%), 97% fed the deviations. The transformer's reading enters through a zero-initialised
 projection, so at init the aggregation is exactly mean pooling and training adds the residual.
 """
 
