@@ -104,9 +104,9 @@ def _has_encoder_projections(config_dict):
 def _temporal_transformer_shape(config_dict):
   """[num_frames, temporal_layers] when the config trains a temporal transformer on video data,
   else None (also for a config saved before the video fields existed)."""
-  model = config_dict.get("model", {})
-  video = config_dict.get("input", {}).get("data", {}).get("name") in pipeline.VIDEO_SOURCES
-  if not video or model.get("temporal_agg") != "transformer":
+  model = config_dict["model"]
+  if (model.get("temporal_agg") != "transformer"
+      or not pipeline.is_video(ml_collections.ConfigDict(config_dict))):
     return None
   return [model["num_frames"], model["temporal_layers"]]
 
