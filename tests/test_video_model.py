@@ -56,6 +56,36 @@ def test_transformer_aggregation_reads_deviations_from_the_clip_mean():
                              module.apply(params, frames) + shift[:, 0], atol=1e-4)
 
 
+def _order_sensitivity(module, params, frames):
+  """Mean over clips of |reading(clip) - reading(reversed clip)| / |reading(clip)|, where the
+  reading is what the aggregator adds to the clip mean."""
+  clip_mean = temporal.masked_frame_mean(frames, None)
+  forward = module.apply(params, frames) - clip_mean
+  backward = module.apply(params, frames[:, ::-1]) - clip_mean
+  return float(jnp.linalg.norm(forward - backward, axis=-1).mean()
+               / jnp.linalg.norm(forward, axis=-1).mean())
+
+
+@pytest.mark.parametrize("deviation_scale", [1e-2, 1.0, 10.0])
+def test_transformer_aggregation_sees_order_at_init_whatever_the_scale_of_the_motion(
+    deviation_scale):
+  """Frames of one clip are a large common part plus small differences whose scale depends on
+  the tower: at init, reversing a clip changes the transformer's reading by a fixed, large share
+  of it (the deviations are normalised and the positions are of their scale), not by a share
+  that vanishes when the differences are small or large."""
+  module = temporal.TemporalAggregator("transformer", 4, layers=1, heads=2)
+  content = jax.random.normal(jax.random.key(0), (16, 1, 32)) * 3
+  motion = jax.random.normal(jax.random.key(1), (16, 4, 32))
+  params = module.init(jax.random.key(2), content + motion)
+  out = params["params"]["out"]
+  params = {"params": {**params["params"], "out": {**out, "kernel": jnp.eye(32)}}}
+  reference = _order_sensitivity(module, params, content + motion)
+  assert reference > 0.2
+  np.testing.assert_allclose(
+      _order_sensitivity(module, params, content + deviation_scale * motion), reference,
+      rtol=0.05)
+
+
 def test_transformer_aggregation_sees_frame_order_and_ignores_masked_frames():
   module, params, frames = _aggregator("transformer")
   assert params["params"]["frame_pos_embed"].shape == (1, 4, 8)
@@ -65,7 +95,8 @@ def test_transformer_aggregation_sees_frame_order_and_ignores_masked_frames():
   assert np.abs(np.asarray(module.apply(params, frames[:, ::-1]) - out)).max() > 1e-4
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
   changed = frames.at[0, 3].set(100.0).at[1, 2:].set(-50.0)
-  np.testing.assert_allclose(module.apply(params, changed, mask), module.apply(params, frames, mask),
+  np.testing.assert_allclose(module.apply(params, changed, mask),
+                             module.apply(params, frames, mask),
                              atol=1e-5)
 
 
