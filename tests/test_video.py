@@ -209,3 +209,13 @@ def test_a_temporal_transformer_fine_tunes_from_an_image_text_run(trained_run):
     chex.assert_trees_all_equal(jax.device_get(loaded["params"][name]), jax.device_get(run[name]))
   chex.assert_trees_all_equal(loaded["params"]["temporal"], state["params"]["temporal"])
   chex.assert_trees_all_equal(loaded["params_ema"], loaded["params"])
+
+
+def test_grouped_batches_of_two_processes_draw_their_own_random_numbers():
+  """Each process maps only its own rows; seeded alike, the k-th pair of every process would get
+  the same random draws (masks, crops, frame offsets)."""
+  config = video_config()
+  first, second = (next(pipeline.make_train_iterator(config, process_index=index,
+                                                     process_count=2)) for index in (0, 1))
+  assert first["image_id"].tolist() != second["image_id"].tolist()
+  assert (first["mvm_mask"] != second["mvm_mask"]).any(axis=1).all()

@@ -374,7 +374,10 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   if inp.group_batches:
     rows = _grouped_rows(source, pairs, batch_size // process_count, config.seed,
                          process_index, process_count)
-    examples = rows.random_map(make_pair, seed=config.seed)
+    # Each process maps only its own rows: seeded alike, the k-th pair of every process would
+    # get the same random draws.
+    process_seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
+    examples = rows.random_map(make_pair, seed=process_seed)
   else:
     examples = (grain.MapDataset.range(len(pairs))
                 .shuffle(seed=config.seed)
