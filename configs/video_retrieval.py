@@ -11,8 +11,10 @@ a temporal aggregation turns the frames into one clip vector, then the image pro
                                              [--config.input.data.test_list=1k-A csv]
   configs/video_retrieval.py:model=base      ViT-B/16 + BERT-base, T = 8 (accelerators)
 `--config.init_from=RUN` fine-tunes an image-text run (its towers and heads; the temporal
-transformer starts fresh); `--config.input.data.name=frames_folder` reads one folder of frames
-per video instead of video files. The objective is ITC with queues and in-batch negatives, every
+transformer starts fresh; the tiny default's fixed patch positions need
+`--config.model.image.posemb=learn` to load a run of learned ones, such as configs/pretrain.py's);
+`--config.input.data.name=frames_folder` reads one folder of frames per video instead of video
+files. The objective is ITC with queues and in-batch negatives, every
 caption of a clip a positive (`image_id` is the clip), no AMF, no MLM / MVM.
 """
 
@@ -45,6 +47,12 @@ def get_config(arg=None):
     # steps); 3e-4 learns.
     config.optim.lr = 3e-4
     config.total_steps, config.optim.warmup_steps = 600, 60
+    # Motion is where things are in each frame. Fixed sin-cos patch positions put that into every
+    # frame vector from step 0; learned ones start at 0.02, and towers trained from scratch on
+    # captions of colours and shapes learn little of it. Measured (600 steps, temporal
+    # transformer): direction R@1 v2t / t2v 28.5 / 27.0 with learned positions (chance 25),
+    # 76.0 / 74.3 with sincos2d.
+    config.model.image.posemb = "sincos2d"
   else:
     config.input.batch_size, config.input.max_len = 128, 32
     config.optim.lr, config.optim.end_lr = 1e-5, 1e-7

@@ -201,7 +201,7 @@ def test_group_batches_errors():
 def test_a_temporal_transformer_fine_tunes_from_an_image_text_run(trained_run):
   """Towers and heads come from the run; the temporal transformer, which the run lacks, keeps
   its fresh initialisation, in the online and (copied) momentum parameters."""
-  state, _, _ = build(video_config("runlocal,agg=transformer"))
+  state, _, _ = build(video_config("runlocal,agg=transformer", **{"model.image.posemb": "learn"}))
   loaded = checkpoint.load_towers(trained_run, state)
   run = inference.TrainedRun.load(trained_run).params["params"]
   assert set(loaded["params"]) == set(run) | {"temporal"}
@@ -219,3 +219,14 @@ def test_grouped_batches_of_two_processes_draw_their_own_random_numbers():
                                                      process_count=2)) for index in (0, 1))
   assert first["image_id"].tolist() != second["image_id"].tolist()
   assert (first["mvm_mask"] != second["mvm_mask"]).any(axis=1).all()
+
+
+def test_fixed_patch_positions_refuse_a_run_of_learned_ones_and_name_the_parameter(trained_run):
+  """The synthetic video default has sincos2d patch positions; the image-text run learned its
+  own, which this model has no place for."""
+  config = video_config("runlocal,agg=transformer")
+  assert config.model.image.posemb == "sincos2d"
+  state, _, _ = build(config)
+  with pytest.raises(ValueError, match="does not fit this model:\n  unexpected: params/image/"
+                                       "pos_embed"):
+    checkpoint.load_towers(trained_run, state)
