@@ -32,10 +32,12 @@ def test_mean_aggregation_has_no_parameters_and_ignores_frame_order():
                              rtol=1e-6)
 
 
-def _with_trained_output(params):
-  """The aggregator's parameters with a random (not zero-initialised) output projection."""
+def _with_trained_output(params, kernel=None):
+  """The aggregator's parameters with `kernel` (default: a random one) in place of the
+  zero-initialised output projection."""
   out = params["params"]["out"]
-  kernel = jax.random.normal(jax.random.key(7), out["kernel"].shape)
+  if kernel is None:
+    kernel = jax.random.normal(jax.random.key(7), out["kernel"].shape)
   return {"params": {**params["params"], "out": {**out, "kernel": kernel}}}
 
 
@@ -76,9 +78,7 @@ def test_transformer_aggregation_sees_order_at_init_whatever_the_scale_of_the_mo
   module = temporal.TemporalAggregator("transformer", 4, layers=1, heads=2)
   content = jax.random.normal(jax.random.key(0), (16, 1, 32)) * 3
   motion = jax.random.normal(jax.random.key(1), (16, 4, 32))
-  params = module.init(jax.random.key(2), content + motion)
-  out = params["params"]["out"]
-  params = {"params": {**params["params"], "out": {**out, "kernel": jnp.eye(32)}}}
+  params = _with_trained_output(module.init(jax.random.key(2), content + motion), jnp.eye(32))
   reference = _order_sensitivity(module, params, content + motion)
   assert reference > 0.2
   np.testing.assert_allclose(
