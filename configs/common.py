@@ -293,6 +293,11 @@ def base_config(size="tiny"):
   c.eval.batch_size = 250
   c.eval.chunk = 4096  # similarity rows per chunk (design §4.1)
   c.eval.ks = (1, 5, 10)
+  # [(name, {option: value})] of cots_jax/evaluators/common.py's EVALUATORS, each run with the
+  # online and the momentum encoder; options (ks, chunk) override the two fields above.
+  # retrieval: image <-> text (video <-> text); image_instance / text_matching: COOKIE's unimodal
+  # tasks (method §2.1); direction: synthetic clips against their direction twins.
+  c.eval.evaluators = [("retrieval", {}), ("image_instance", {}), ("text_matching", {})]
   return c
 
 

@@ -39,6 +39,10 @@ def get_config(arg=None):
   config.loss.update(itc=1.0, mlm=0.0, mvm=0.0, kl_align=0.0)
   config.queue.multi_positive = config.queue.in_batch_negatives = True
   config.amf.enabled = False
+  # Clips have no image views; the synthetic clips' direction twins get their own recall.
+  config.eval.evaluators = ([("retrieval", {})]
+                            + [("direction", {})] * (arg.data == "synthetic")
+                            + [("text_matching", {})])
   if arg.model == "tiny":
     # T frames per clip cost T images per pair: a smaller batch keeps a step near the image one.
     config.input.batch_size, config.queue.size = 32, 1024

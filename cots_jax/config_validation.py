@@ -6,6 +6,8 @@ Every problem is reported as a `ValueError` with one line that names the field (
 import math
 import re
 
+from cots_jax.evaluators import common as evaluators_common
+
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
     "trainer": ("cots", "vq"),
@@ -86,6 +88,7 @@ def validate(config):
   _validate_training(config)
   _validate_input(config)
   _validate_sharding(config)
+  evaluators_common.check_config(config)
 
 
 def _validate_model(config):

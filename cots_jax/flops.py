@@ -6,6 +6,7 @@ text and masked image passes with the MLM / MVM heads (forward + backward), the 
 (forward), the contrastive logits against batch and queue.
 """
 
+from cots_jax import shapes
 from cots_jax.data import masking
 
 
@@ -22,7 +23,7 @@ def transformer_forward_flops(tokens, width, depth, mlp_ratio):
 def image_tower_forward_flops(config):
   """One image through the ViT: patch embedding + encoder."""
   image = config.model.image
-  patches = (image.image_size // image.patch_size) ** 2
+  patches = shapes.num_patches(config)
   patch_embed = 2 * patches * image.patch_size**2 * 3 * image.width
   return patch_embed + transformer_forward_flops(patches + 1, image.width, image.depth,
                                                  image.mlp_ratio)
@@ -44,7 +45,7 @@ def _head_flops(positions, width, other_width, fusion, outputs):
 def vq_encoder_forward_flops(config):
   """The frozen tokenizer's encoder on one image (patch conv + two 1x1 layers + nearest code)."""
   image, vq = config.model.image, config.vq
-  patches = (image.image_size // image.patch_size) ** 2
+  patches = shapes.num_patches(config)
   per_patch = (image.patch_size**2 * 3 * vq.hidden + vq.hidden * vq.hidden
                + vq.hidden * vq.code_dim + vq.code_dim * vq.codebook_size)
   return 2 * patches * per_patch
@@ -53,11 +54,10 @@ def vq_encoder_forward_flops(config):
 def cots_step_flops_per_pair(config):
   """FLOPs of one update step divided by the global batch, as a dict of parts and `total`."""
   image, text = config.model.image, config.model.text
-  batch = config.input.batch_size
   pair_fwd = (image_tower_forward_flops(config) + text_tower_forward_flops(config)
               + 2 * (image.width + text.width) * config.model.embed_dim)
-  columns = config.queue.size + (batch if config.queue.in_batch_negatives else 1)
-  logits = 2 * 2 * config.model.embed_dim * columns  # i2t and t2i rows of this pair
+  # The i2t and t2i logit rows of this pair.
+  logits = 2 * 2 * config.model.embed_dim * shapes.contrastive_columns(config)
   parts = {
       "online_pair": 3 * pair_fwd,
       "momentum_pair": pair_fwd,
@@ -68,8 +68,7 @@ def cots_step_flops_per_pair(config):
     parts["masked_text"] = 3 * (text_tower_forward_flops(config) + _head_flops(
         predictions, text.width, image.width, config.model.mvlm_fusion, text.vocab_size))
   if config.loss.mvm > 0:
-    patches = (image.image_size // image.patch_size) ** 2
-    masked = masking.num_mvm_masked(config.input.mvm_prob, patches)
+    masked = shapes.num_mvm_masked(config)
     parts["masked_image"] = 3 * (image_tower_forward_flops(config) + _head_flops(
         masked, image.width, text.width, config.model.mvlm_fusion, config.vq.codebook_size))
     parts["vq_tokenizer"] = vq_encoder_forward_flops(config)

@@ -2,11 +2,11 @@
 
 `evaluate_checkpoint` is the work of `python -m cots_jax.evaluate` (the entry only parses flags).
 
-`TrainedRun.load(WORKDIR)` builds the model of the run's config, restores the online and momentum
-parameters of one checkpoint (nothing else of the train state: no optimizer, queue or VQ
-tokenizer) and embeds images and captions with them. Embedding splits each batch over every
-device of the mesh (train.make_embed_fns), so the same code runs on one CPU or on every host of
-a pod slice.
+`TrainedRun.load(WORKDIR)` builds the run of its config (`state.build`), restores the online and
+momentum parameters of one checkpoint (nothing else of the train state: no optimizer, queue or
+VQ tokenizer) and embeds images and captions with them. Embedding splits each batch over every
+device of the mesh (`evaluators.common.make_embed_fns`), so the same code runs on one CPU or on
+every host of a pod slice.
 """
 
 import dataclasses
@@ -16,21 +16,21 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs import common
 from cots_jax import checkpoint
-from cots_jax import config_validation
 from cots_jax import paths
-from cots_jax import pretrained
-from cots_jax import train
+from cots_jax import state as state_lib
 from cots_jax.data import pipeline
 from cots_jax.data import tokenizer as tokenizer_lib
-from cots_jax.models import cots as cots_model
+from cots_jax.evaluators import common as evaluators_common
 
 # The parameter tree of each encoder a user can pick.
 ENCODERS = {"online": "params", "momentum": "params_ema"}
 
 
 def load_run_config(workdir):
-  """The ConfigDict a run saved as WORKDIR/config.json.
+  """The ConfigDict a run saved as WORKDIR/config.json; fields that the file predates take the
+  defaults of configs/common.py (a field added later defaults to the behaviour before it).
 
   Raises:
     FileNotFoundError when WORKDIR has no config.json (it is no cots_jax run).
@@ -39,7 +39,9 @@ def load_run_config(workdir):
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not the workdir of a "
                             "cots_jax run")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = common.base_config()
+  config.update(json.loads(path.read_text()))
+  return config
 
 
 @dataclasses.dataclass
@@ -51,7 +53,7 @@ class TrainedRun:
     step: the checkpoint's step.
     params: {"params": online tree, "params_ema": momentum tree}, sharded on `mesh`.
     mesh: the devices the embedders split batches over.
-    embed_fns: (embed_images, embed_texts) of `train.make_embed_fns`.
+    embed_fns: (embed_images, embed_texts) of `evaluators.common.make_embed_fns`.
   """
   config: ml_collections.ConfigDict
   step: int
@@ -77,12 +79,10 @@ class TrainedRun:
     if config is None:
       config = load_run_config(workdir)
       config.mesh = [("data", -1)]
-    config = pretrained.resolve_pretrained(config)
-    mesh = train.make_mesh(config)
-    model = cots_model.CotsModel.from_config(config)
-    params, step = checkpoint.restore_params(
-        workdir, train.abstract_params(config, model, mesh), step, what="workdir")
-    return cls(config, step, params, mesh, train.make_embed_fns(model, mesh))
+    built = state_lib.build(config, state_lib.make_mesh(config))
+    params, step = checkpoint.restore_params(workdir, built.abstract_params, step, what="workdir")
+    return cls(built.config, step, params, built.mesh,
+               evaluators_common.make_embed_fns(built.model, built.mesh))
 
   def encoder_params(self, encoder="online"):
     """The parameter tree of `encoder` in ENCODERS ("online" or "momentum")."""
@@ -114,17 +114,16 @@ class TrainedRun:
 
 
 def evaluate_checkpoint(config, workdir, step=None):
-  """The metrics of every evaluator (train.make_evaluators) of checkpoint `step` (None = latest)
-  of WORKDIR on config's eval split.
+  """The metrics of the config's evaluators (`config.eval.evaluators`) of checkpoint `step`
+  (None = latest) of WORKDIR on config's eval split.
 
   Returns:
     ({"retrieval": {metric: value}, "retrieval_momentum": {...}, "image_instance": ..., ...},
     the checkpoint's step).
   """
-  config_validation.validate(config)
   run = TrainedRun.load(workdir, config, step)
-  evaluators = train.make_evaluators(config, pipeline.make_eval_split(config))
-  flat = train.run_evals(evaluators, run.embed_fns, run.params)
+  evaluators = evaluators_common.from_config(run.config, pipeline.make_eval_split(run.config))
+  flat = evaluators_common.run_evals(evaluators, run.embed_fns, run.params)
   results = {}
   for key, value in flat.items():
     _, name, metric = key.split("/")

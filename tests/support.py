@@ -1,21 +1,19 @@
 """Shared by the tests: the tiny run config, a built update step, and the environment of the
 children that start `cots_jax.main` or use several (fake) devices."""
 
-import functools
 import os
 import socket
 import subprocess
 import sys
 
-import av
 import jax
 import pytest
 
 from configs import pretrain
-from cots_jax import train
+from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
-from cots_jax.models import cots as cots_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `configs/pretrain.py:runlocal` shrunk to compile in seconds (set as --config.<name>=<value>).
@@ -38,21 +36,20 @@ def tiny_config(config=None, **overrides):
 
 
 def build(config):
-  """(state, update fn before jit, first 3 training batches) for `config`, with a random VQ
-  tokenizer."""
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  state = jax.jit(functools.partial(train.init_state, config, model, optimizer))(
-      vq_variables, jax.random.PRNGKey(0))
-  iterator = pipeline.make_train_iterator(config)
+  """(state, update fn before jit, first 3 training batches) for `config` on this process's
+  devices, built as a run builds it (`state.build`), with a random VQ tokenizer."""
+  built = state_lib.build(config, state_lib.make_mesh(config),
+                          vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)))
+  iterator = pipeline.make_train_iterator(built.config)
   batches = [next(iterator) for _ in range(3)]
-  return state, train.make_update_fn(config, model, optimizer), batches
+  return (built.initial_state(), step_lib.make_update_fn(built.config, built.model,
+                                                          built.optimizer), batches)
 
 
 def write_video(path, frames):
   """Encodes uint8 [n, H, W, 3] RGB frames as H.264 (yuv420p, 12 fps) into `path`'s container
-  (PyAV; the suffix picks the container)."""
+  (PyAV, the optional `video` extra, imported here only; the suffix picks the container)."""
+  import av  # pylint: disable=g-import-not-at-top
   with av.open(str(path), "w") as container:
     stream = container.add_stream("libx264", rate=12)
     stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"

@@ -11,12 +11,10 @@ import pytest
 from configs import common
 from cots_jax import benchmarks
 from cots_jax import flops
-from cots_jax import train
-from cots_jax import vq_trainer
+from cots_jax import state as state_lib
 from cots_jax.benchmarks import checkpoint_save
 from cots_jax.benchmarks import input_pipeline
 from cots_jax.benchmarks import train_step
-from cots_jax.models import cots as cots_model
 
 
 def _config():
@@ -64,14 +62,11 @@ def test_input_pipeline_benchmark_reports_rates_per_size_and_workers_needed():
 
 def test_randomized_state_keeps_shapes_shardings_and_integer_leaves():
   config = _config()
-  mesh = train.make_mesh(config)
-  model = cots_model.CotsModel.from_config(config)
-  state, abstract = train.create_state(
-      config, model, train.make_optimizer(config),
-      vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)), mesh)
+  built = state_lib.build(config, state_lib.make_mesh(config))
+  state = built.fresh_state()
   step, queue_idx = np.asarray(state["step"]), np.asarray(state["queue"]["idx"])
-  filled = checkpoint_save.randomized(state, train.state_shardings_of(abstract))
-  for leaf, spec in zip(jax.tree.leaves(filled), jax.tree.leaves(abstract)):
+  filled = checkpoint_save.randomized(state, built.shardings)
+  for leaf, spec in zip(jax.tree.leaves(filled), jax.tree.leaves(built.abstract)):
     assert (leaf.shape, leaf.dtype, leaf.sharding) == (spec.shape, spec.dtype, spec.sharding)
   np.testing.assert_array_equal(filled["step"], step)
   np.testing.assert_array_equal(filled["queue"]["idx"], queue_idx)

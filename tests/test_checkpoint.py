@@ -28,11 +28,11 @@ import pytest
 from cots_jax import checkpoint
 from cots_jax import inference
 from cots_jax import sharding
+from cots_jax import state as state_lib
 from cots_jax import train
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import read_metrics
-from cots_jax.models import cots as cots_model
 from support import REPO, TINY, start_main, subprocess_env, tiny_config, tiny_flags
 
 # Shards a queue and two parameter families (and their EMA / Adam moments) over "data".
@@ -49,9 +49,7 @@ def flat(tree):
 
 def abstract_state(config, mesh):
   """ShapeDtypeStructs of the train state with the shardings of `config.sharding_rules`."""
-  model = cots_model.CotsModel.from_config(config)
-  vq_variables = jax.eval_shape(lambda: vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)))
-  return train.abstract_state(config, model, train.make_optimizer(config), vq_variables, mesh)
+  return state_lib.build(config, mesh).abstract
 
 
 def save_on_this_mesh(workdir, out_path):
@@ -349,10 +347,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoints(
 def test_init_from_loads_towers_and_heads_and_leaves_the_rest_fresh(reference_run):
   workdir, _ = reference_run
   config = tiny_config()
-  mesh = sharding.make_mesh(config.mesh)
-  model = cots_model.CotsModel.from_config(config)
-  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  fresh, _ = train.create_state(config, model, train.make_optimizer(config), vq_variables, mesh)
+  fresh = state_lib.build(config, state_lib.make_mesh(config)).fresh_state()
   fresh_values = flat(fresh)
   saved = flat(ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", "20", "state")))

@@ -186,7 +186,7 @@ def test_views_terms_match_numpy_with_two_views_and_two_dropout_passes():
   batch = _fake_batch(config)
   metrics, params, state_rng = _step_terms(config, batch)
   model = cots_model.CotsModel.from_config(config)
-  # The step's key layout (train.make_update_fn): state rng -> step key -> (clean, mlm, mvm,
+  # The step's key layout (step.make_update_fn): state rng -> step key -> (clean, mlm, mvm,
   # intra); clean -> (image, text); intra -> (view, second text pass).
   step_key = jax.random.split(state_rng)[1]
   clean, _, _, intra = jax.random.split(step_key, 4)

@@ -18,10 +18,11 @@ from cots_jax import config_validation
 from cots_jax import inference
 from cots_jax import train
 from cots_jax.data import pipeline
+from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import REPO, subprocess_env, tiny_config, tiny_flags
+from support import REPO, TINY, subprocess_env, tiny_config, tiny_flags
 
 # The overrides of conftest's `trained_run` on top of support.TINY.
 RUN_OVERRIDES = {"loss.mvm": 0.0, "loss.mlm": 0.0, "total_steps": 12, "checkpoint_every": 6,
@@ -53,10 +54,10 @@ def test_eval_in_uneven_batches_equals_one_unbatched_pass(trained_run):
   """20 images and 100 captions in batches of 7: the padded tail adds nothing and loses nothing."""
   config = tiny_config(**RUN_OVERRIDES, **{"eval.batch_size": 7})
   results, step = inference.evaluate_checkpoint(config, trained_run)
-  assert step == 12 and set(results) == {f"{name}{suffix}" for suffix, _ in train.ENCODER_SUFFIXES
-                                         for name in ("retrieval", "text_matching",
-                                                      "image_instance")}
-  for suffix, key in train.ENCODER_SUFFIXES:
+  assert step == 12 and set(results) == {
+      f"{name}{suffix}" for suffix, _ in evaluators_common.ENCODER_SUFFIXES
+      for name in ("retrieval", "text_matching", "image_instance")}
+  for suffix, key in evaluators_common.ENCODER_SUFFIXES:
     name = f"retrieval{suffix}"
     want = unbatched_metrics(config, trained_run, 12, key)
     assert results[name].keys() == want.keys()
@@ -99,6 +100,16 @@ def test_trained_run_embeds_like_the_model_with_either_encoder(trained_run):
     np.testing.assert_allclose(run.embed_images(image, encoder), want_image, atol=1e-5)
   with pytest.raises(ValueError, match="encoder 'ema' is unknown"):
     run.embed_texts(captions, "ema")
+
+
+def test_a_run_config_saved_before_a_field_existed_loads_with_that_fields_default(tmp_path):
+  saved = json.loads(tiny_config().to_json_best_effort())
+  del saved["eval"]["evaluators"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = inference.load_run_config(str(tmp_path))
+  assert config.eval.evaluators == tiny_config().eval.evaluators
+  assert config.model.image.width == TINY["model.image.width"]
+  config_validation.validate(config)
 
 
 def test_results_table_has_one_row_per_evaluator_and_every_column():

@@ -1,6 +1,5 @@
 """The analytic FLOP model against XLA's compiled cost analysis of the real computations."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +7,8 @@ import pytest
 
 from configs import common
 from cots_jax import flops
-from cots_jax import train
-from cots_jax import vq_trainer
-from cots_jax.models import cots as cots_model
+from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax.models import vit
 
 
@@ -49,11 +47,8 @@ def test_image_tower_flops_match_xla_within_ten_percent():
 def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
   config = _config()
   config.loss.update(weights)
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_vars = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(0))
-  state = jax.eval_shape(functools.partial(train.init_state, config, model, optimizer), vq_vars,
-                         jax.random.PRNGKey(0))
+  built = state_lib.build(config, state_lib.make_mesh(config))
+  state = built.abstract
   b, size, length = config.input.batch_size, 32, config.input.max_len
   batch = {"image": jnp.zeros((b, size, size, 3)), "text_ids": jnp.zeros((b, length), jnp.int32),
            "text_mask": jnp.ones((b, length), jnp.int32), "image_id": jnp.arange(b),
@@ -62,7 +57,8 @@ def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
            "mlm_targets": jnp.zeros((b, 6), jnp.int32), "mlm_weights": jnp.ones((b, 6)),
            "mvm_mask": jnp.arange(16)[None].repeat(b, 0) < 6,
            "skipped": jnp.zeros((b,), jnp.int32)}
-  xla = _xla_flops(train.make_update_fn(config, model, optimizer), state, batch) / b
+  update = step_lib.make_update_fn(built.config, built.model, built.optimizer)
+  xla = _xla_flops(update, state, batch) / b
   parts = flops.cots_step_flops_per_pair(config)
   assert parts["total"] == pytest.approx(xla, rel=0.15)
   assert ("masked_text" in parts) == ("mlm" not in weights)

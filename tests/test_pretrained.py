@@ -14,10 +14,8 @@ import safetensors.numpy
 from scipy import special
 
 from cots_jax import pretrained
-from cots_jax import train
-from cots_jax import vq_trainer
+from cots_jax import state as state_lib
 from cots_jax.data import tokenizer as tokenizer_lib
-from cots_jax.models import cots as cots_model
 from support import missing_requirement, shared_dataset_dir, tiny_config
 
 HF_CONFIG = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
@@ -198,13 +196,10 @@ def test_a_run_takes_the_sizes_tokenizer_and_weights_of_text_and_image_init(tmp_
                                                                  "tanh")
   assert config.input.tokenizer == directory
   config.input.max_len = 16
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  mesh = train.make_mesh(config)
-  state, _ = train.create_state(config, model, optimizer,
-                                vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)), mesh)
-  mask_token = np.asarray(state["params"]["image"]["mask_token"])
-  state = pretrained.init_pretrained_towers(config, state)
+  built = state_lib.build(config, state_lib.make_mesh(config))
+  model = built.model
+  mask_token = np.asarray(built.fresh_state()["params"]["image"]["mask_token"])
+  state = built.initial_state()  # the fresh state with both towers' public weights
   for key in ("params", "params_ema"):
     layer = state[key]["text"]["encoder"]["layer_1"]
     np.testing.assert_array_equal(layer["intermediate"]["dense"]["kernel"],

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from cots_jax import sharding
-from cots_jax import train
+from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
+from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
-from cots_jax.models import cots as cots_model
 from support import REPO, subprocess_env, tiny_config
 
 STEPS = 4
@@ -37,13 +38,9 @@ MESHES = {
 def run_steps(config, steps=STEPS):
   """`steps` updates from a fresh state on all devices of this process: the losses, and the final
   queue, EMA params and each leaf's share held by one device."""
-  mesh = sharding.make_mesh(config.mesh)
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = sharding.replicate_globally(
-      vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)))
-  state, abstract = train.create_state(config, model, optimizer, vq_variables, mesh)
-  update = train.jit_update(config, model, optimizer, mesh, train.state_shardings_of(abstract))
+  built = state_lib.build(config, state_lib.make_mesh(config),
+                          vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1)))
+  mesh, state, update = built.mesh, built.fresh_state(), step_lib.jit_update(built)
   batches = pipeline.make_train_iterator(config)
   losses = []
   for _ in range(steps):
@@ -51,7 +48,7 @@ def run_steps(config, steps=STEPS):
     losses.append(float(metrics["train/loss"]))
   # The evaluators' embedders split each eval batch (7 rows: padded to the device count) over
   # the mesh.
-  embed_images, embed_texts = train.make_embed_fns(model, mesh)
+  embed_images, embed_texts = evaluators_common.make_embed_fns(built.model, mesh)
   split = pipeline.make_eval_split(config, batch_size=7)
   eval_img = retrieval.embed_dataset(lambda b: embed_images(state["params"], b["image"]),
                                      split.image_batches())

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from configs import common
-from cots_jax import train
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
 from support import build, subprocess_env, tiny_flags
@@ -177,29 +176,8 @@ def test_learnable_temperature_is_clamped_and_trained():
 def test_masked_patch_positions_lists_the_true_entries_in_order():
   mask = np.zeros((3, 10), bool)
   mask[0, [1, 4, 9]] = mask[1, [0, 1, 2]] = mask[2, [3, 5, 7]] = True
-  got = np.asarray(train.masked_patch_positions(jnp.asarray(mask), 3))
+  got = np.asarray(cots_model.masked_patch_positions(jnp.asarray(mask), 3))
   np.testing.assert_array_equal(got, [[1, 4, 9], [0, 1, 2], [3, 5, 7]])
-
-
-def test_weight_decay_mask_spares_biases_norms_and_position_embeddings():
-  params = {"text": {"embeddings": {"position_embeddings": {"embedding": jnp.ones((4, 2))},
-                                    "word_embeddings": {"embedding": jnp.ones((9, 2))}},
-                     "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
-                     "LayerNorm": {"scale": jnp.ones(2)}},
-            "image": {"pos_embed": jnp.ones((1, 5, 2)), "cls": jnp.ones((1, 1, 2))}}
-  mask = train.weight_decay_mask(params)
-  assert mask["text"]["dense"]["kernel"] and mask["text"]["embeddings"]["word_embeddings"]["embedding"]
-  assert not mask["text"]["dense"]["bias"] and not mask["text"]["LayerNorm"]["scale"]
-  assert not mask["text"]["embeddings"]["position_embeddings"]["embedding"]
-  assert not mask["image"]["pos_embed"] and not mask["image"]["cls"]
-
-
-def test_learning_rate_schedule_warms_up_then_decays_to_end_lr():
-  config = tiny_config()
-  schedule = train.learning_rate_schedule(config)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
-  assert float(schedule(config.total_steps)) == pytest.approx(config.optim.end_lr)
 
 
 @pytest.fixture(scope="module")
@@ -238,23 +216,3 @@ def test_runlocal_trains_logs_evaluates_and_checkpoints(runlocal_workdir):
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == RUNLOCAL_STEPS
   vq_quality = next(r for r in records if "vq/eval_perplexity" in r)
   assert vq_quality["vq/eval_recon_mse"] < vq_quality["vq/eval_mean_colour_mse"]
-
-
-def test_make_mesh_checks_that_the_global_batch_splits_over_the_devices():
-  config = tiny_config()
-  assert train.make_mesh(config).shape == {"data": jax.device_count()}
-  config.input.batch_size = 8
-  assert train.make_mesh(config, devices=np.arange(4)).shape == {"data": 4}
-  with pytest.raises(ValueError, match=r"config.input.batch_size=8 must be a multiple of the 3 "):
-    train.make_mesh(config, devices=np.arange(3))
-
-
-def test_eval_summary_lists_every_recall_of_every_evaluator():
-  results = {"eval/retrieval/i2t_r1": 1.0, "eval/retrieval/i2t_r5": 2.0,
-             "eval/retrieval/t2i_r1": 3.0, "eval/retrieval/t2i_r5": 4.0,
-             "eval/retrieval/rsum": 10.0, "eval/retrieval/r_mean": 2.5,
-             "eval/retrieval/i2t_medr": 3.0, "eval/text_matching/r1": 7.0,
-             "eval/text_matching/meanr": 2.0, "eval/direction/t2v_r1": 50.0}
-  assert train._eval_summary(results) == (  # pylint: disable=protected-access
-      "retrieval: i2t R@1/5 1.0/2.0 t2i R@1/5 3.0/4.0; text_matching: R@1 7.0; "
-      "direction: t2v R@1 50.0")

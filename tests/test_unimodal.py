@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from cots_jax import train
 from cots_jax.data import pipeline
+from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 
 
@@ -184,9 +184,9 @@ def test_run_evals_embeds_each_batch_once_per_encoder_and_scores_as_unshared():
     counts["texts"] += 1
     return params * np.pad(ids * mask, ((0, 0), (0, 8)))[:, :8].astype(np.float32)
 
-  evaluators = train.make_evaluators(config, split)
-  results = train.run_evals(evaluators, (embed_images, embed_texts),
-                            {"params": 1.0, "params_ema": 2.0})
+  evaluators = evaluators_common.from_config(config, split)
+  results = evaluators_common.run_evals(evaluators, (embed_images, embed_texts),
+                                        {"params": 1.0, "params_ema": 2.0})
   image_batches, text_batches = len(list(split.image_batches())), len(list(split.text_batches()))
   view_batches = 2 * len(list(split.view_batches(0)))
   assert counts == {"images": 2 * (image_batches + view_batches), "texts": 2 * text_batches}

@@ -15,6 +15,7 @@ from cots_jax import inference
 from cots_jax import train
 from cots_jax.data import pipeline
 from cots_jax.data import video
+from cots_jax.evaluators import common as evaluators_common
 from support import build, tiny_config, write_video
 
 VIDEO_TINY = {"input.batch_size": 8, "queue.size": 32, "total_steps": 6, "log_every": 3,
@@ -63,7 +64,8 @@ def test_the_eval_split_of_clips_yields_video_batches_and_no_image_views():
   assert sum(int(b["valid"].sum()) for b in batches) == split.num_images == 12
   with pytest.raises(ValueError, match="holds video clips, not images"):
     next(split.view_batches(0))
-  assert set(train.make_evaluators(config, split)) == {"retrieval", "direction", "text_matching"}
+  assert set(evaluators_common.from_config(config, split)) == {"retrieval", "direction",
+                                                              "text_matching"}
 
 
 @pytest.mark.parametrize("overrides, message", [

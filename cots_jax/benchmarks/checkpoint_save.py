@@ -25,11 +25,8 @@ from ml_collections import config_flags
 
 from cots_jax import benchmarks
 from cots_jax import checkpoint
-from cots_jax import config_validation
-from cots_jax import train
-from cots_jax import vq_trainer
+from cots_jax import state as state_lib
 from cots_jax.data import pipeline
-from cots_jax.models import cots as cots_model
 
 
 
@@ -58,13 +55,9 @@ def randomized(state, shardings):
 
 def benchmark(config, saves, workdir):
   """Saves the state of `config` `saves` times as checkpoints of `workdir`; returns the results."""
-  config_validation.validate(config)
-  mesh = train.make_mesh(config)
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  state, abstract = train.create_state(config, model, optimizer, vq_variables, mesh)
-  state = jax.block_until_ready(randomized(state, train.state_shardings_of(abstract)))
+  built = state_lib.build(config, state_lib.make_mesh(config))
+  config = built.config
+  state = jax.block_until_ready(randomized(built.initial_state(), built.shardings))
   train_iter = pipeline.make_train_iterator(config)
   config.keep_checkpoints = saves
   manager = checkpoint.checkpoint_manager(workdir, config)
@@ -80,7 +73,7 @@ def benchmark(config, saves, workdir):
   return {
       "device": str(jax.devices()[0].device_kind),
       "num_devices": jax.device_count(),
-      "state_bytes": checkpoint.state_bytes(abstract),
+      "state_bytes": checkpoint.state_bytes(built.abstract),
       "checkpoint_bytes_on_disk": on_disk,
       "first_save_blocked_seconds": blocked[0],
       "save_blocked_seconds_median": float(np.median(blocked[1:] or blocked)),

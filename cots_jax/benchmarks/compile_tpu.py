@@ -7,8 +7,8 @@ by libtpu, with nothing run (design §5, issue 6).
       --topology=v4:4x4x4 --batch_size=4096 --mesh=data:-1,fsdp:8 --config.model.remat=True \
       --step_time=0.1 --out=v4-128.json     # FSDP over 8 devices, remat, MFU at 0.1 s/step
 
-The state is the trainer's (`train.abstract_state`: ShapeDtypeStructs with the shardings of
-`config.sharding_rules` on the mesh), the step is `train.jit_update`, and the batch has the
+The state is the trainer's (`state.build`: ShapeDtypeStructs with the shardings of
+`config.sharding_rules` on the mesh), the step is `step.jit_update`, and the batch has the
 shapes and dtypes of the input pipeline's (one real pair at the configured image size and
 caption length, its leading axis set to the global batch). Prints and writes as JSON: memory
 per chip from XLA's memory analysis (arguments + temporaries + outputs - aliased, i.e. the
@@ -38,13 +38,12 @@ from ml_collections import config_flags
 
 from cots_jax import benchmarks
 from cots_jax import checkpoint
-from cots_jax import config_validation
 from cots_jax import flops
+from cots_jax import shapes
 from cots_jax import sharding
-from cots_jax import train
-from cots_jax import vq_trainer
+from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax.data import pipeline
-from cots_jax.models import cots as cots_model
 
 GIB = 2**30
 
@@ -137,14 +136,9 @@ def compile_update(config, devices):
   Returns:
     (compiled, abstract_state, mesh).
   """
-  mesh = train.make_mesh(config, devices)
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = jax.eval_shape(lambda rng: vq_trainer.random_tokenizer(config, rng),
-                                jax.random.PRNGKey(1))
-  state = train.abstract_state(config, model, optimizer, vq_variables, mesh)
-  update = train.jit_update(config, model, optimizer, mesh, train.state_shardings_of(state))
-  lowered = update.lower(state, abstract_batch(config, mesh))
+  built = state_lib.build(config, state_lib.make_mesh(config, devices))
+  state, mesh = built.abstract, built.mesh
+  lowered = step_lib.jit_update(built).lower(state, abstract_batch(built.config, mesh))
   # A persistent compilation cache (the tests') cannot load what is compiled for a TPU that is
   # not there ("PjRtCompiler must be constructed with a Client"): keep it out of the cache.
   min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
@@ -214,13 +208,13 @@ def contrastive_logits_report(config, arrays, num_devices):
   [B / devices, columns].
   """
   batch = config.input.batch_size
-  columns = config.queue.size + (batch if config.queue.in_batch_negatives else 1)
+  columns = shapes.contrastive_columns(config)
   logits = [a for a in arrays if a["shape"] and a["shape"][-1] == columns]
-  shapes = sorted({(a["dtype"], a["shape"]) for a in logits})
+  found = sorted({(a["dtype"], a["shape"]) for a in logits})
   return {
       "whole_shape": [batch, columns],
       "expected_per_device_shape": [batch // num_devices, columns],
-      "per_device_shapes": [f"{dtype}{list(shape)}" for dtype, shape in shapes],
+      "per_device_shapes": [f"{dtype}{list(shape)}" for dtype, shape in found],
       "materialised_whole": any(math.prod(a["shape"][:-1]) >= batch for a in logits),
       "largest_per_device_bytes": max((a["bytes"] for a in logits), default=0),
   }
@@ -257,7 +251,6 @@ def compile_report(config, topology, step_time=None, top_buffers=8):
     step_time: seconds per step at which `mfu_at_step_time` is stated (None: not stated).
     top_buffers: how many of the largest per-device buffers of the compiled HLO to list.
   """
-  config_validation.validate(config)
   devices = tpu_devices(topology)
   kind = devices[0].device_kind
   if kind not in CHIPS:

@@ -7,7 +7,8 @@
 Prints and writes as JSON: pairs/s (median over timed steps after warm-up), the analytic FLOPs
 per pair (cots_jax.flops) and XLA's compiled count, the measured peak of a dense matmul of the
 model's largest GEMM shape on all cores, and MFU = achieved FLOP/s / peak. The batches are real
-pipeline batches, staged on the device before timing so the host pipeline is not measured; the
+pipeline batches, staged on the device before timing so the host pipeline is not measured. The
+state is the run's (`state.build`, pretrained towers and init_from included), except that the
 frozen VQ tokenizer is an untrained one of the configured shape (same FLOPs as a trained one).
 """
 
@@ -22,13 +23,12 @@ import numpy as np
 from ml_collections import config_flags
 
 from cots_jax import benchmarks
-from cots_jax import config_validation
 from cots_jax import flops
+from cots_jax import shapes
 from cots_jax import sharding
-from cots_jax import train
-from cots_jax import vq_trainer
+from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax.data import pipeline
-from cots_jax.models import cots as cots_model
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
 OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
@@ -41,10 +41,10 @@ def largest_gemm(config):
   """(M, K, N) of the biggest matmul of the towers: the MLP up-projection over the batch."""
   b = config.input.batch_size
   image, text = config.model.image, config.model.text
-  n_img = (image.image_size // image.patch_size) ** 2 + 1
-  shapes = [(b * n_img, image.width, int(image.width * image.mlp_ratio)),
-            (b * config.input.max_len, text.width, int(text.width * text.mlp_ratio))]
-  return max(shapes, key=lambda s: s[0] * s[1] * s[2])
+  n_img = shapes.num_patches(config) + 1
+  gemms = [(b * n_img, image.width, int(image.width * image.mlp_ratio)),
+           (b * config.input.max_len, text.width, int(text.width * text.mlp_ratio))]
+  return max(gemms, key=lambda s: s[0] * s[1] * s[2])
 
 
 def matmul_peak(shape, dtype, bursts=5, min_seconds=0.25):
@@ -80,13 +80,10 @@ def matmul_peak(shape, dtype, bursts=5, min_seconds=0.25):
 
 def benchmark(config, warmup_steps, timed_steps):
   """Runs the update step and returns the results dict."""
-  config_validation.validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  model = cots_model.CotsModel.from_config(config)
-  optimizer = train.make_optimizer(config)
-  vq_variables = vq_trainer.random_tokenizer(config, jax.random.PRNGKey(1))
-  state, abstract = train.create_state(config, model, optimizer, vq_variables, mesh)
-  update = train.jit_update(config, model, optimizer, mesh, train.state_shardings_of(abstract))
+  built = state_lib.build(config, state_lib.make_mesh(config))
+  config, mesh = built.config, built.mesh
+  state = built.initial_state()
+  update = step_lib.jit_update(built)
 
   data = pipeline.make_train_iterator(config)
   batches = [sharding.global_batch(next(data), mesh) for _ in range(4)]

@@ -25,6 +25,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from cots_jax import shapes
 from cots_jax.data import masking
 from cots_jax.data import sources
 from cots_jax.data import synthetic
@@ -124,15 +125,6 @@ class _BlockRow:
   def __call__(self, example):
     group_size = self.blocks.shape[1]
     return int(self.blocks[self.order[example // group_size], example % group_size])
-
-
-def _patch_grid(config):
-  """(grid_h, grid_w) of ViT patches; the image side must be a multiple of the patch size."""
-  image_size, patch_size = config.model.image.image_size, config.model.image.patch_size
-  if image_size % patch_size:
-    raise ValueError(f"model.image.image_size={image_size} is not a multiple of "
-                     f"model.image.patch_size={patch_size}")
-  return image_size // patch_size, image_size // patch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +349,6 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
                      f"{process_count} (process_index={process_index})")
   source = make_source(config, "train")
   pairs = pair_table(source)
-  grid_h, grid_w = _patch_grid(config)
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
   make_pair = _MakePair(
@@ -367,8 +358,8 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
       tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
       max_len=inp.max_len, mlm_prob=inp.mlm_prob,
       max_predictions=masking.num_mlm_predictions(inp.mlm_prob, inp.max_len),
-      patch_grid=(grid_h, grid_w),
-      num_masked_patches=masking.num_mvm_masked(inp.mvm_prob, grid_h * grid_w),
+      patch_grid=shapes.patch_grid(config),
+      num_masked_patches=shapes.num_mvm_masked(config),
       mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
       on_bad_example=inp.on_bad_example)
   if inp.group_batches:

@@ -65,6 +65,19 @@ def pool_text(hidden, mask, how):
   return hidden[:, 0]
 
 
+def gather_positions(tokens, positions):
+  """tokens `[B, N, D]`, positions `[B, P]` int -> the tokens at those positions `[B, P, D]`."""
+  return jnp.take_along_axis(tokens, positions[..., None], axis=1)
+
+
+def masked_patch_positions(mvm_mask, num_masked):
+  """The indices of the `num_masked` True entries of each row of `mvm_mask` `[B, N]` -> `[B, M]`.
+
+  The data gives exactly `num_masked` per row (design §8.3), so the shape is static.
+  """
+  return jnp.argsort(~mvm_mask, axis=1, stable=True)[:, :num_masked].astype(jnp.int32)
+
+
 class MvlmHead(nn.Module):
   """MLM / MVM prediction head: fuse the other modality's global vector, transform, decode.
 

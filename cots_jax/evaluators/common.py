@@ -1,0 +1,226 @@
+"""The evaluators a run names in its config, built in one place, and the embedders they run on.
+
+`config.eval.evaluators` lists `(name, {option: value})` pairs (big_vision's `config.evals`,
+kept inside the `eval` group); the names are the keys of EVALUATORS, the options override
+`config.eval.ks` / `config.eval.chunk` for that evaluator. The trainer and inference both call
+`from_config` and `run_evals`, so a new evaluator is added here and named in a config, nothing
+else. Results are keyed `eval/<name><suffix>/<metric>`, the suffix naming the encoder
+(ENCODER_SUFFIXES: "" online, "_momentum" momentum).
+"""
+
+import dataclasses
+import functools
+import re
+from typing import Callable, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+from cots_jax import sharding
+from cots_jax.data import pipeline
+from cots_jax.data import synthetic_video
+from cots_jax.evaluators import retrieval
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorKind:
+  """One kind of evaluator.
+
+  Attributes:
+    make: (config, split, ks, chunk) -> run(embed_image_fn, embed_text_fn) -> {metric: value}.
+    unavailable: config -> None, or why the config's data cannot have this evaluator.
+    default_ks: its recall cut-offs when its options give none; None = `config.eval.ks`.
+  """
+  make: Callable
+  unavailable: Callable = lambda config: None
+  default_ks: Optional[tuple] = None
+
+
+def _directions(config):
+  return ("v2t", "t2v") if pipeline.is_video(config) else ("i2t", "t2i")
+
+
+def _retrieval(config, split, ks, chunk):
+  """Image (video) <-> text retrieval (design §4.1)."""
+  evaluator = retrieval.RetrievalEvaluator("retrieval", split, ks, chunk, _directions(config))
+  return evaluator.run
+
+
+def _image_instance(config, split, ks, chunk):
+  """COOKIE's image instance retrieval: one augmented view of each image finds its other view."""
+  del config
+  evaluator = retrieval.ImageInstanceEvaluator("image_instance", split, ks, chunk)
+  return lambda embed_image_fn, _: evaluator.run(embed_image_fn)
+
+
+def _text_matching(config, split, ks, chunk):
+  """COOKIE's text matching: each caption finds the other captions of its image."""
+  del config
+  evaluator = retrieval.TextMatchingEvaluator("text_matching", split, ks, chunk)
+  return lambda _, embed_text_fn: evaluator.run(embed_text_fn)
+
+
+def _direction(config, split, ks, chunk):
+  """Retrieval among the synthetic clips that differ from the query's own only in direction."""
+  del chunk
+  groups = synthetic_video.appearance_groups(pipeline.make_source(config, "eval"))
+  evaluator = retrieval.WithinGroupEvaluator("direction", split, groups, ks, _directions(config))
+  return evaluator.run
+
+
+def _needs_images(config):
+  return "needs images, not video" if pipeline.is_video(config) else None
+
+
+def _needs_synthetic_video(config):
+  if config.input.data.name != "synthetic_video":
+    return "ranks clips against their direction twins: it needs input.data.name='synthetic_video'"
+  return None
+
+
+EVALUATORS = {
+    "retrieval": EvaluatorKind(_retrieval),
+    "image_instance": EvaluatorKind(_image_instance, _needs_images),
+    "text_matching": EvaluatorKind(_text_matching),
+    "direction": EvaluatorKind(_direction, _needs_synthetic_video, default_ks=(1,)),
+}
+OPTIONS = ("ks", "chunk")
+
+
+def check_config(config):
+  """Raises ValueError naming `config.eval.evaluators` when an entry is not a known evaluator
+  with known options, is listed twice, or does not fit the config's data."""
+  entries = list(config.eval.evaluators)
+  names = []
+  for entry in entries:
+    if len(entry) != 2 or not isinstance(entry[1], dict):
+      raise ValueError(f"config.eval.evaluators={entries!r}: each entry must be "
+                       f"(name, {{option: value}}), got {entry!r}")
+    name, options = entry
+    if name not in EVALUATORS:
+      raise ValueError(f"config.eval.evaluators names {name!r}; known: {sorted(EVALUATORS)}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+      raise ValueError(f"config.eval.evaluators: {name!r} has no option {unknown}; its options "
+                       f"are {OPTIONS}")
+    why = EVALUATORS[name].unavailable(config)
+    if why:
+      raise ValueError(f"config.eval.evaluators names {name!r}, which {why}")
+    names.append(name)
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.eval.evaluators={entries!r} lists an evaluator twice")
+
+
+def from_config(config, split):
+  """The evaluators of `config.eval.evaluators` on `split`, as {name: run(embed_image_fn,
+  embed_text_fn) -> {metric: value}}.
+
+  Text matching is left out, with a warning, when no eval image has two captions.
+
+  Args:
+    config: the run's ConfigDict (`eval.evaluators`, `eval.ks`, `eval.chunk`).
+    split: the `pipeline.EvalSplit`.
+  """
+  check_config(config)
+  evaluators = {}
+  for name, options in config.eval.evaluators:
+    kind = EVALUATORS[name]
+    ks = tuple(options.get("ks", kind.default_ks or config.eval.ks))
+    try:
+      evaluators[name] = kind.make(config, split, ks, options.get("chunk", config.eval.chunk))
+    except ValueError as error:
+      if name != "text_matching":
+        raise
+      logging.warning("%s: text matching is not evaluated", error)
+  return evaluators
+
+
+def make_embed_fns(model, mesh):
+  """Image and text embedders `(params, host batch) -> numpy [b, E]` for the evaluators.
+
+  Every process passes the same batch of b rows (the eval split is the same on every host). The
+  rows are padded to a multiple of the mesh's device count and split over all devices, each
+  process filling only its own devices' rows; the jitted function gathers the embeddings, so
+  every process gets all b of them while each example is embedded once.
+
+  Returns:
+    (embed_images(params, image [b, H, W, 3] or clips [b, T, H, W, 3]), embed_texts(params,
+    text_ids, text_mask [b, L])).
+  """
+  rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=whole)
+  def image_fn(params, image):
+    return model.apply({"params": params}, image, method=model.visual_embedding)[0]
+
+  @functools.partial(jax.jit, out_shardings=whole)
+  def text_fn(params, text_ids, text_mask):
+    return model.apply({"params": params}, text_ids, text_mask, method=model.text_embedding)[0]
+
+  def spread(x):
+    """numpy [b, ...] -> a global array of [b + pad, ...] split by rows over the mesh."""
+    x = np.asarray(x)
+    pad = -x.shape[0] % mesh.size
+    if pad:
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+
+  def embed_images(params, image):
+    return np.asarray(image_fn(params, spread(image)))[:len(image)]
+
+  def embed_texts(params, text_ids, text_mask):
+    return np.asarray(text_fn(params, spread(text_ids), spread(text_mask)))[:len(text_ids)]
+
+  return embed_images, embed_texts
+
+
+# The name suffix of each encoder's results: eval/<evaluator><suffix>/<metric>.
+ENCODER_SUFFIXES = (("", "params"), ("_momentum", "params_ema"))
+
+
+def run_evals(evaluators, embed_fns, params_trees):
+  """The metrics of every evaluator for the online and the momentum encoder, as
+  `{"eval/<name><suffix>/<metric>": value}` (suffixes: ENCODER_SUFFIXES).
+
+  Args:
+    evaluators: from `from_config`.
+    embed_fns: from `make_embed_fns`.
+    params_trees: a dict with the "params" and "params_ema" trees (the train state, or a
+      restore).
+  """
+  embed_images, embed_texts = embed_fns
+  results = {}
+  for suffix, key in ENCODER_SUFFIXES:
+    params = params_trees[key]
+    # One encoder's evaluators share the split's batches: each is embedded once.
+    image_fn = retrieval.memoized_embed_fn(
+        lambda b, p=params: embed_images(p, pipeline.visual_input(b)))
+    text_fn = retrieval.memoized_embed_fn(
+        lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"]))
+    for name, run in evaluators.items():
+      metrics = run(image_fn, text_fn)
+      results.update({f"eval/{name}{suffix}/{metric}": value for metric, value in metrics.items()})
+  return results
+
+
+def summary(results):
+  """One line: R@1/5/10 of every evaluator in `results` (of `run_evals`), both ways for
+  cross-modal ones."""
+  grouped = {}
+  for key, value in results.items():
+    _, name, metric = key.split("/")
+    grouped.setdefault(name, {})[metric] = value
+  parts = []
+  for name, metrics in grouped.items():
+    # Cross-modal keys are i2t_r5, t2v_r1, ...: one "<direction> R@1/5/10 a/b/c" per direction.
+    by_prefix = {}
+    for key, value in metrics.items():
+      match = re.fullmatch(r"(?:(\w+)_)?r(\d+)", key)
+      if match:
+        by_prefix.setdefault(match[1], []).append((match[2], value))
+    recalls = [f"{prefix + ' ' if prefix else ''}R@{'/'.join(k for k, _ in pairs)} "
+               + "/".join(f"{value:.1f}" for _, value in pairs)
+               for prefix, pairs in by_prefix.items()]
+    parts.append(f"{name}: {' '.join(recalls)}")
+  return "; ".join(parts)
