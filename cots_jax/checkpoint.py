@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from cots_jax import paths
 from cots_jax import vq_trainer
-from cots_jax.data import pipeline
+from cots_jax.data import registry
 from cots_jax.models import cots
 
 # Fields under config.model that leave the parameter shapes alone; every other model field
@@ -106,7 +106,7 @@ def _temporal_transformer_shape(config_dict):
   else None (also for a config saved before the video fields existed)."""
   model = config_dict["model"]
   if (model.get("temporal_agg") != "transformer"
-      or not pipeline.is_video(ml_collections.ConfigDict(config_dict))):
+      or not registry.is_video(ml_collections.ConfigDict(config_dict))):
     return None
   return [model["num_frames"], model["temporal_layers"]]
 

@@ -6,29 +6,39 @@ Every problem is reported as a `ValueError` with one line that names the field (
 import math
 import re
 
+from cots_jax import losses
+from cots_jax import momentum
+from cots_jax import queue
+from cots_jax import vq_trainer
+from cots_jax.data import masking
+from cots_jax.data import pipeline
+from cots_jax.data import registry
+from cots_jax.data import transforms
 from cots_jax.evaluators import common as evaluators_common
+from cots_jax.models import bert
+from cots_jax.models import cots
+from cots_jax.models import temporal
+from cots_jax.models import vit
 
-DTYPES = ("float32", "bfloat16")
+# Every choice is defined beside the code that implements it; validation reads it from there.
 CHOICES = {
-    "trainer": ("cots", "vq"),
-    "model.dtype": DTYPES,
-    "model.mvlm_fusion": ("concat", "add", "none"),
-    "model.mvlm_global_src": ("online", "momentum"),
-    "model.pool": ("cls", "mean"),
-    "model.wst_pool": ("cls", "mean"),
-    "model.temporal_agg": ("mean", "transformer"),
-    "loss.cookie_intra_mode": ("views", "cross_model"),
-    "model.text.gelu": ("exact", "tanh"),
-    "model.image.gelu": ("exact", "tanh"),
-    "model.image.posemb": ("learn", "sincos2d"),
-    "vq.codebook_update": ("ema", "st"),
-    "momentum.schedule": ("constant", "cosine"),
-    "kl.direction": ("sym", "i2t_to_t2i", "t2i_to_i2t"),
-    "input.mvm_mask": ("block", "random"),
-    "input.augment": ("none", "crop_flip"),
-    "input.on_bad_example": ("skip", "fail"),
-    "input.data.name": ("synthetic", "captions_json", "tfds", "synthetic_video", "msrvtt",
-                        "frames_folder"),
+    "trainer": ("cots", "vq"),  # cots_jax/main.py
+    "model.dtype": tuple(cots.DTYPES),
+    "model.mvlm_fusion": cots.FUSIONS,
+    "model.mvlm_global_src": cots.MVLM_GLOBAL_SOURCES,
+    "model.pool": cots.POOLINGS,
+    "model.wst_pool": cots.POOLINGS,
+    "model.temporal_agg": temporal.AGGREGATIONS,
+    "loss.cookie_intra_mode": cots.INTRA_MODES,
+    "model.text.gelu": bert.GELU_FORMS,
+    "model.image.gelu": bert.GELU_FORMS,
+    "model.image.posemb": vit.POSEMBS,
+    "vq.codebook_update": vq_trainer.CODEBOOK_UPDATES,
+    "momentum.schedule": momentum.MOMENTUM_SCHEDULES,
+    "kl.direction": losses.KL_DIRECTIONS,
+    "input.mvm_mask": masking.MVM_MASKS,
+    "input.augment": transforms.AUGMENTATIONS,
+    "input.on_bad_example": pipeline.ON_BAD_EXAMPLE,
 }
 POSITIVE_INTS = (
     "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
@@ -50,13 +60,6 @@ UNIT_INTERVAL = ("loss.itc_alpha", "momentum.decay", "momentum.final_decay", "am
                  "input.mlm_prob", "input.mvm_prob", "input.flip_prob", "input.view_flip_prob",
                  "vq.ema_decay", "model.wst_dropout")
 OBJECTIVES = ("itc", "mlm", "mvm", "kl_align", "cookie_cm", "cookie_vv", "cookie_tt")
-# Fields a data source cannot do without.
-REQUIRED_DATA_FIELDS = {"captions_json": ("annotations", "images_dir"), "tfds": ("tfds_name",),
-                        "msrvtt": ("annotations", "videos_dir"),
-                        "frames_folder": ("annotations", "videos_dir")}
-VIDEO_DATA = ("synthetic_video", "msrvtt", "frames_folder")
-
-
 def _get(config, dotted):
   value = config
   for key in dotted.split("."):
@@ -146,10 +149,7 @@ def _validate_cookie(config):
 
 
 def _validate_training(config):
-  if config.queue.size % config.input.batch_size or config.queue.size < config.input.batch_size:
-    _fail("queue.size", config.queue.size,
-          f"must be a positive multiple of config.input.batch_size={config.input.batch_size} "
-          "(the queue advances one global batch per step)")
+  queue.check_queue_size(config.queue.size, config.input.batch_size)
   if not 0 < config.temp.min <= config.temp.init <= config.temp.max:
     _fail("temp.init", config.temp.init,
           f"must lie in [config.temp.min={config.temp.min}, config.temp.max={config.temp.max}], min > 0")
@@ -168,10 +168,8 @@ def _validate_training(config):
 
 def _validate_input(config):
   data = config.input.data
-  for field in REQUIRED_DATA_FIELDS.get(data.name, ()):
-    if not data[field]:
-      _fail(f"input.data.{field}", data[field], f"must be set for input.data.name={data.name!r}")
-  if data.name in VIDEO_DATA:
+  registry.check_config(config)
+  if registry.is_video(config):
     for field, why in (("loss.mvm", "masked vision modelling of video is not built"),
                        ("loss.cookie_vv", "the image-image term needs images")):
       if _get(config, field) > 0:

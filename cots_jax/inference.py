@@ -20,8 +20,9 @@ from configs import common
 from cots_jax import checkpoint
 from cots_jax import paths
 from cots_jax import state as state_lib
-from cots_jax.data import pipeline
+from cots_jax.data import eval_split
 from cots_jax.data import tokenizer as tokenizer_lib
+from cots_jax.data import transforms
 from cots_jax.evaluators import common as evaluators_common
 
 # The parameter tree of each encoder a user can pick.
@@ -92,7 +93,7 @@ class TrainedRun:
 
   def image_transform(self):
     """Any decoded image or encoded file -> the eval pixels of this model (resize + centre crop)."""
-    return pipeline.ImageTransform(self.config.model.image.image_size)
+    return transforms.ImageTransform(self.config.model.image.image_size)
 
   def embed_images(self, images, encoder="online"):
     """float32 [n, H, W, 3] in [-1, 1] (from `image_transform`) -> unit embeddings [n, E],
@@ -122,7 +123,7 @@ def evaluate_checkpoint(config, workdir, step=None):
     the checkpoint's step).
   """
   run = TrainedRun.load(workdir, config, step)
-  evaluators = evaluators_common.from_config(run.config, pipeline.make_eval_split(run.config))
+  evaluators = evaluators_common.from_config(run.config, eval_split.make_eval_split(run.config))
   flat = evaluators_common.run_evals(evaluators, run.embed_fns, run.params)
   results = {}
   for key, value in flat.items():

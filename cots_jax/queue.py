@@ -12,8 +12,9 @@ import jax.numpy as jnp
 def check_queue_size(queue_size, global_batch):
   """Raises ValueError unless queue_size is a positive multiple of the global batch."""
   if global_batch <= 0 or queue_size < global_batch or queue_size % global_batch:
-    raise ValueError(f"queue.size={queue_size} must be a multiple of input.batch_size="
-                     f"{global_batch} (the global batch) and at least as large")
+    raise ValueError(f"config.queue.size={queue_size} must be a positive multiple of "
+                     f"config.input.batch_size={global_batch} (the queue advances one global "
+                     "batch per step)")
 
 
 def _random_unit_rows(rng, size, dim):

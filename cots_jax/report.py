@@ -28,7 +28,7 @@ from PIL import ImageDraw  # noqa: E402
 
 from cots_jax import inference  # noqa: E402
 from cots_jax import metrics_writer  # noqa: E402
-from cots_jax.data import pipeline  # noqa: E402
+from cots_jax.data import eval_split  # noqa: E402
 from cots_jax.evaluators import retrieval  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to report on.")
@@ -235,7 +235,7 @@ def write_report(workdir, num_captions=6, encoder="online", step=None, seed=0):
   for title, file_name, names in panels:
     (pictures / file_name).write_bytes(plot_panel(metrics, title, names))
   run = inference.TrainedRun.load(workdir, step=step)
-  split = pipeline.make_eval_split(run.config)
+  split = eval_split.make_eval_split(run.config)
   examples = retrieval_examples(run, split, pick_captions(split.num_texts, num_captions, seed),
                                 encoder)
   for number, example in enumerate(examples):

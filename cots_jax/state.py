@@ -27,7 +27,7 @@ from cots_jax import queue as queue_lib
 from cots_jax import shapes
 from cots_jax import sharding
 from cots_jax import vq_trainer
-from cots_jax.data import pipeline
+from cots_jax.data import registry
 from cots_jax.models import cots as cots_model
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -86,7 +86,7 @@ def init_params(config, model, rng):
   """Fresh online parameters: the towers and heads of `model` (with the temporal aggregation for
   video data), plus `temp` when learnable."""
   image_size = config.model.image.image_size
-  frames = (config.model.num_frames,) if pipeline.is_video(config) else ()
+  frames = (config.model.num_frames,) if registry.is_video(config) else ()
   params = model.init(
       rng, jnp.zeros((1, *frames, image_size, image_size, 3), jnp.float32),
       jnp.zeros((1, config.input.max_len), jnp.int32),

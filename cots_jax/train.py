@@ -26,6 +26,7 @@ from cots_jax import sharding
 from cots_jax import state as state_lib
 from cots_jax import step as step_lib
 from cots_jax import vq_trainer
+from cots_jax.data import eval_split
 from cots_jax.data import pipeline
 from cots_jax.evaluators import common as evaluators_common
 from cots_jax.metrics_writer import MetricWriter
@@ -67,7 +68,7 @@ def _train_and_evaluate(config, workdir, preemption):
   # --- data
   train_iter = pipeline.make_train_iterator(
       config, process_index=jax.process_index(), process_count=jax.process_count())
-  eval_split = pipeline.make_eval_split(config)
+  split = eval_split.make_eval_split(config)
 
   # --- VQ tokenizer (frozen; trained first in this workdir when config.vq.init is empty)
   vq_variables = sharding.replicate_globally(vq_trainer.obtain_tokenizer(config, workdir, writer))
@@ -97,7 +98,7 @@ def _train_and_evaluate(config, workdir, preemption):
   update = step_lib.jit_update(built)
 
   # --- evals
-  evaluators = evaluators_common.from_config(config, eval_split)
+  evaluators = evaluators_common.from_config(config, split)
   embed_fns = evaluators_common.make_embed_fns(built.model, mesh)
 
   # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
@@ -109,7 +110,7 @@ def _train_and_evaluate(config, workdir, preemption):
   ocp_multihost.sync_global_processes("cots_update_step_compiled")
 
   # --- loop
-  writer.write(start_step, {"data/eval_skipped": eval_split.num_skipped})
+  writer.write(start_step, {"data/eval_skipped": split.num_skipped})
   batches = itertools.chain(
       [first_batch], (sharding.global_batch(next(train_iter), mesh) for _ in itertools.count()))
   results, preempted = _loop(

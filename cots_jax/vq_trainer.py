@@ -33,12 +33,14 @@ import orbax.checkpoint as ocp
 
 from cots_jax import paths
 from cots_jax import sharding
+from cots_jax.data import eval_split
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import MetricWriter
 from cots_jax.models import vq
 
 _LAPLACE_EPS = 1e-5  # smoothing of the EMA cluster sizes, so an empty code never divides by 0.
 SHAPE_FIELDS = ("codebook_size", "code_dim", "hidden")
+CODEBOOK_UPDATES = ("ema", "st")
 
 
 def ema_codebook_update(usage, embed_sum, z, codes, decay):
@@ -112,8 +114,8 @@ def init_vq_state(config, rng, image_shape):
     dict(params, usage [K]) plus embed_sum [K, C] when config.vq.codebook_update == "ema".
   """
   mode = config.vq.codebook_update
-  if mode not in ("ema", "st"):
-    raise ValueError(f"config.vq.codebook_update must be 'ema' or 'st', got {mode!r}")
+  if mode not in CODEBOOK_UPDATES:
+    raise ValueError(f"config.vq.codebook_update must be one of {CODEBOOK_UPDATES}, got {mode!r}")
   model = vq.VQTokenizer.from_config(config)
   params = jax.jit(model.init)(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
   num_codes, code_dim = params["codebook"].shape
@@ -301,7 +303,7 @@ def tokenizer_quality(config, params, images):
 
 def eval_images(config):
   """All images of the eval split, `[N, H, W, 3]` float32."""
-  batches = pipeline.make_eval_split(config).image_batches()
+  batches = eval_split.make_eval_split(config).image_batches()
   return np.concatenate([b["image"][b["valid"]] for b in batches])
 
 

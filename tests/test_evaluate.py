@@ -17,6 +17,7 @@ from configs import finetune_retrieval
 from cots_jax import config_validation
 from cots_jax import inference
 from cots_jax import train
+from cots_jax.data import eval_split
 from cots_jax.data import pipeline
 from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
@@ -41,7 +42,7 @@ def unbatched_metrics(config, workdir, step, params_key):
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
   params = state[params_key]
   model = cots_model.CotsModel.from_config(config)
-  split = pipeline.make_eval_split(config, batch_size=10_000)
+  split = eval_split.make_eval_split(config, batch_size=10_000)
   (images,), (texts,) = split.image_batches(), split.text_batches()
   images, texts = ({key: value[batch["valid"]] for key, value in batch.items()}
                    for batch in (images, texts))

@@ -6,7 +6,7 @@ import pytest
 from configs import common
 from configs import video_retrieval
 from cots_jax import config_validation
-from cots_jax.data import pipeline
+from cots_jax.data import eval_split
 from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 
@@ -49,7 +49,7 @@ def test_image_instance_is_refused_for_video_data():
 
 def test_the_listed_evaluators_run_in_order_with_their_own_options():
   config = _image_config([("text_matching", {"ks": (1, 2)}), ("retrieval", {"chunk": 3})])
-  split = pipeline.make_eval_split(config, batch_size=4)
+  split = eval_split.make_eval_split(config, batch_size=4)
   evaluators = evaluators_common.from_config(config, split)
   assert list(evaluators) == ["text_matching", "retrieval"]
 

@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 from configs import common
+from cots_jax.data import eval_split
 from cots_jax.data import masking
 from cots_jax.data import pipeline
 from cots_jax.data import synthetic
@@ -285,7 +286,7 @@ def test_image_iterator_shuffles_the_train_images_each_epoch():
 
 def test_eval_split_pads_the_last_batch_and_maps_texts_to_images(tokenizer):
   config = _config()
-  split = pipeline.make_eval_split(config, batch_size=5)
+  split = eval_split.make_eval_split(config, batch_size=5)
   source = synthetic.SyntheticCaptions(12, "eval", config.seed, 48)
   assert (split.num_images, split.num_texts) == (12, 60) and len(split.captions) == 60
   assert split.txt2img.dtype == np.int32 and split.txt2img.shape == (60,)
@@ -300,7 +301,7 @@ def test_eval_split_pads_the_last_batch_and_maps_texts_to_images(tokenizer):
   np.testing.assert_allclose(images, np.stack([source[i]["image"] for i in range(12)]) / 127.5 - 1,
                              atol=1e-6)
 
-  split7 = pipeline.make_eval_split(config, batch_size=7)
+  split7 = eval_split.make_eval_split(config, batch_size=7)
   text_batches = list(split7.text_batches())
   assert len(text_batches) == 9 and sum(b["valid"].sum() for b in text_batches) == 60
   assert text_batches[-1]["valid"].tolist() == [True] * 4 + [False] * 3
@@ -318,14 +319,14 @@ def test_eval_split_pads_the_last_batch_and_maps_texts_to_images(tokenizer):
 def test_eval_batch_size_defaults_to_the_eval_config():
   config = _config()
   config.eval.batch_size = 8
-  batches = list(pipeline.make_eval_split(config).image_batches())
+  batches = list(eval_split.make_eval_split(config).image_batches())
   assert [b["image"].shape[0] for b in batches] == [8, 8]
   assert [int(b["valid"].sum()) for b in batches] == [8, 4]
 
 
 def test_eval_view_batches_crop_each_image_with_its_own_seeded_generator():
   config = _config(view_crop_scale=(0.5, 0.9), view_flip_prob=0.5)
-  split = pipeline.make_eval_split(config, batch_size=5)
+  split = eval_split.make_eval_split(config, batch_size=5)
   source = synthetic.SyntheticCaptions(12, "eval", config.seed, 48)
   batches = list(split.view_batches(seed=3))
   assert [b["valid"].tolist() for b in batches] == [[True] * 5] * 2 + [[True] * 2 + [False] * 3]
@@ -343,7 +344,7 @@ def test_eval_view_batches_crop_each_image_with_its_own_seeded_generator():
 
 
 def test_eval_views_of_the_whole_area_without_flip_are_the_images():
-  split = pipeline.make_eval_split(_config(view_crop_scale=(1.0, 1.0)), batch_size=5)
+  split = eval_split.make_eval_split(_config(view_crop_scale=(1.0, 1.0)), batch_size=5)
   for view, image in zip(split.view_batches(seed=0), split.image_batches(), strict=True):
     np.testing.assert_array_equal(view["image"], image["image"])
     np.testing.assert_array_equal(view["valid"], image["valid"])

@@ -14,7 +14,9 @@ from PIL import Image
 from configs import common
 from configs import pretrain
 from cots_jax import train
+from cots_jax.data import eval_split
 from cots_jax.data import pipeline
+from cots_jax.data import registry
 from cots_jax.data import sources
 from cots_jax.metrics_writer import read_metrics
 from support import shared_dataset_dir
@@ -122,7 +124,7 @@ def test_bad_examples_are_skipped_counted_and_named(dataset_dir, caplog):
   num_good = NUM_PAIRS - NUM_BAD
   with caplog.at_level(logging.WARNING):
     batches = _epoch(pipeline.make_train_iterator(config), num_good)
-  source = pipeline.make_source(config, "train")
+  source = registry.make_source(config, "train")
   names = [os.path.basename(source[int(i)]["name"]) for b in batches for i in b["image_id"]]
   # The first epoch holds every good pair once and no bad one (it ends inside the last batch).
   first_epoch = names[:num_good]
@@ -175,7 +177,7 @@ def test_crop_flip_is_seeded_and_differs_from_the_plain_resize(dataset_dir):
 def test_eval_split_leaves_out_bad_images_and_blank_captions(dataset_dir):
   config = _config(dataset_dir)
   config.input.data.eval_split = "train"
-  split = pipeline.make_eval_split(config, batch_size=3)
+  split = eval_split.make_eval_split(config, batch_size=3)
   good = {**GOOD, **BLANK}
   assert split.num_images == len(good)
   assert split.num_texts == sum(len(c) for _, c in GOOD.items()) + 1
@@ -189,7 +191,7 @@ def test_eval_split_leaves_out_bad_images_and_blank_captions(dataset_dir):
     assert text in list(good.values())[image][1]
   config.input.on_bad_example = "fail"
   with pytest.raises(Exception, match="corrupt.jpg|truncated.jpg|empty.png|text.png|missing.jpg"):
-    pipeline.make_eval_split(config)
+    eval_split.make_eval_split(config)
 
 
 def _train_config(root, on_bad_example="skip"):
@@ -222,8 +224,8 @@ def test_training_stops_naming_the_bad_file_when_told_to_fail(dataset_dir, tmp_p
 def test_flickr8k_config_reads_the_shared_data(monkeypatch):
   monkeypatch.setenv("COTS_DATA_DIR", os.path.dirname(shared_dataset_dir("flickr8k")))
   config = pretrain.get_config("data=flickr8k")
-  train_source = pipeline.make_source(config, "train")
-  eval_source = pipeline.make_source(config, "eval")
+  train_source = registry.make_source(config, "train")
+  eval_source = registry.make_source(config, "eval")
   assert isinstance(train_source, sources.CaptionsJson)
   assert (len(train_source), len(eval_source)) == (6000, 1000)
   assert pipeline.pair_table(train_source).shape == (30000, 2)

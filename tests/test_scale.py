@@ -20,6 +20,7 @@ from cots_jax import sharding
 from cots_jax import state as state_lib
 from cots_jax import step as step_lib
 from cots_jax import vq_trainer
+from cots_jax.data import eval_split
 from cots_jax.data import pipeline
 from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
@@ -49,7 +50,7 @@ def run_steps(config, steps=STEPS):
   # The evaluators' embedders split each eval batch (7 rows: padded to the device count) over
   # the mesh.
   embed_images, embed_texts = evaluators_common.make_embed_fns(built.model, mesh)
-  split = pipeline.make_eval_split(config, batch_size=7)
+  split = eval_split.make_eval_split(config, batch_size=7)
   eval_img = retrieval.embed_dataset(lambda b: embed_images(state["params"], b["image"]),
                                      split.image_batches())
   eval_txt = retrieval.embed_dataset(

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import common
+from cots_jax.data import registry
 from cots_jax.data import sources
 from cots_jax.data.transforms import BadExampleError
 from support import REPO, shared_dataset_dir
@@ -352,9 +353,9 @@ def test_tfds_captions_pickles_without_its_open_data_source(tfds_dir):
 
 
 def _data_config(**fields):
-  """The default config.input.data of configs/common.py with `fields` changed."""
-  config = common.base_config("tiny").input.data
-  config.update({"name": "captions_json", **fields})
+  """The default config of configs/common.py with `fields` of config.input.data changed."""
+  config = common.base_config("tiny")
+  config.input.data.update({"name": "captions_json", **fields})
   return config
 
 
@@ -362,8 +363,8 @@ def test_make_source_captions_json(captions_tree):
   annotations, images_dir = captions_tree
   config = _data_config(annotations=annotations, images_dir=images_dir,
                         train_splits=("train", "restval"), eval_split="val")
-  train = sources.make_source(config, "train")
-  evaluation = sources.make_source(config, "eval")
+  train = registry.make_source(config, "train")
+  evaluation = registry.make_source(config, "eval")
   assert isinstance(train, sources.CaptionsJson) and isinstance(evaluation, sources.CaptionsJson)
   assert [train.captions(i) for i in range(len(train))] == [
       c for _, c in _expected(("train", "restval"))]
@@ -375,23 +376,26 @@ def test_make_source_tfds(tfds_dir):
   config = _data_config(name="tfds", tfds_name="tiny_coco_captions", tfds_data_dir=tfds_dir,
                         caption_text_key="text")
   for split_kind, split in (("train", "train"), ("eval", "test")):
-    source = sources.make_source(config, split_kind)
+    source = registry.make_source(config, split_kind)
     assert isinstance(source, sources.TfdsCaptions)
     assert len(source) == len(_TFDS_SPLITS[split])
     assert source[0]["image_id"] - 1000 in _TFDS_SPLITS[split]
 
 
 @pytest.mark.parametrize("fields, split_kind, message", [
-    ({"name": "flickr"}, "train", "input.data.name='flickr' is not a source; known: "
-                                  "captions_json, tfds"),
-    ({"name": "synthetic"}, "eval", "known: captions_json, tfds"),
+    ({"name": "flickr"}, "train", "config.input.data.name='flickr' is not a source; known: "
+                                  "synthetic, captions_json, tfds, synthetic_video, msrvtt, "
+                                  "frames_folder"),
     ({"annotations": "a.json", "images_dir": "images"}, "test",
      "split_kind must be 'train' or 'eval', got 'test'"),
-    ({"images_dir": "images"}, "train", "input.data.annotations must be set"),
-    ({"annotations": "a.json"}, "eval", "input.data.images_dir must be set"),
-    ({"name": "tfds"}, "train", "input.data.tfds_name must be set for input.data.name='tfds'"),
+    ({"images_dir": "images"}, "train", "config.input.data.annotations='' must be set"),
+    ({"annotations": "a.json"}, "eval", "config.input.data.images_dir='' must be set"),
+    ({"name": "tfds"}, "train",
+     "config.input.data.tfds_name='' must be set for input.data.name='tfds'"),
+    ({"name": "msrvtt", "annotations": "a.json"}, "train",
+     "config.input.data.videos_dir='' must be set for input.data.name='msrvtt'"),
 ])
 def test_make_source_rejects_bad_configs(fields, split_kind, message):
   with pytest.raises(ValueError) as error:
-    sources.make_source(_data_config(**fields), split_kind)
+    registry.make_source(_data_config(**fields), split_kind)
   assert message in str(error.value)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from cots_jax.data import pipeline
+from cots_jax.data import eval_split
 from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 
@@ -135,12 +135,12 @@ def test_image_instance_on_a_synthetic_eval_split():
     flat = batch["image"].reshape(len(batch["image"]), -1) + 1.0
     return flat / np.linalg.norm(flat, axis=1, keepdims=True)
 
-  split = pipeline.make_eval_split(config, batch_size=5)
+  split = eval_split.make_eval_split(config, batch_size=5)
   got = retrieval.ImageInstanceEvaluator("ii", split).run(unit_pixels)
   assert got == {"r1": 100.0, "r5": 100.0, "r10": 100.0, "medr": 1.0, "meanr": 1.0}
 
   config.input.view_crop_scale = (0.3, 0.5)
-  split = pipeline.make_eval_split(config, batch_size=5)
+  split = eval_split.make_eval_split(config, batch_size=5)
   views = [retrieval.embed_dataset(unit_pixels, split.view_batches(seed)) for seed in (0, 1)]
   got = retrieval.ImageInstanceEvaluator("ii", split).run(unit_pixels)
   assert got == pytest.approx(reference_metrics(views[0] @ views[1].T, range(12), range(12),
@@ -173,7 +173,7 @@ def test_run_evals_embeds_each_batch_once_per_encoder_and_scores_as_unshared():
   are embedded twice in all (once each), and the metrics are those of the evaluators run alone."""
   config = common.base_config("tiny")
   config.input.data.num_eval_images = 6
-  split = pipeline.make_eval_split(config, batch_size=4)
+  split = eval_split.make_eval_split(config, batch_size=4)
   counts = {"images": 0, "texts": 0}
 
   def embed_images(params, images):

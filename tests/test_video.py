@@ -13,7 +13,11 @@ from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import inference
 from cots_jax import train
+from cots_jax.data import eval_split
+from cots_jax.data import grouped
 from cots_jax.data import pipeline
+from cots_jax.data import registry
+from cots_jax.data import transforms
 from cots_jax.data import video
 from cots_jax.evaluators import common as evaluators_common
 from support import build, tiny_config, write_video
@@ -43,7 +47,7 @@ def test_training_batches_carry_clips_instead_of_images():
 def test_a_clip_gets_one_augmentation_for_all_its_frames():
   still = np.random.default_rng(0).integers(0, 255, (1, 40, 40, 3), dtype=np.uint8)
   clip = video.ArrayClip(np.repeat(still, 6, axis=0), "still")
-  transform = pipeline.ImageTransform(24, "crop_flip", (0.3, 0.6), 0.5)
+  transform = transforms.ImageTransform(24, "crop_flip", (0.3, 0.6), 0.5)
   frames = transform.clip_pixels(clip, "still", 4, np.random.default_rng(1))
   assert frames.shape == (4, 24, 24, 3)
   assert all(np.array_equal(frame, frames[0]) for frame in frames)
@@ -52,13 +56,13 @@ def test_a_clip_gets_one_augmentation_for_all_its_frames():
   # Eval (no rng): the segment centres, resized and centre-cropped.
   numbered = video.ArrayClip(np.arange(8, dtype=np.uint8)[:, None, None, None]
                              * np.ones((1, 24, 24, 3), np.uint8), "numbered")
-  centres = pipeline.ImageTransform(24).clip_pixels(numbered, "numbered", 4)
+  centres = transforms.ImageTransform(24).clip_pixels(numbered, "numbered", 4)
   np.testing.assert_array_equal(centres[:, 0, 0, 0], [1, 3, 5, 7])
 
 
 def test_the_eval_split_of_clips_yields_video_batches_and_no_image_views():
   config = video_config()
-  split = pipeline.make_eval_split(config, batch_size=5)
+  split = eval_split.make_eval_split(config, batch_size=5)
   batches = list(split.image_batches())
   assert [b["video"].shape[:2] for b in batches] == [(5, 3), (5, 3), (5, 3)]
   assert sum(int(b["valid"].sum()) for b in batches) == split.num_images == 12
@@ -126,7 +130,7 @@ def test_an_msrvtt_layout_runs_end_to_end(tmp_path):
       "input.data.videos_dir": str(root / "videos"), "input.data.test_list": str(root / "test.csv"),
       "input.batch_size": 2, "queue.size": 8, "eval.batch_size": 2})
   config_validation.validate(config)
-  assert len(pipeline.make_source(config, "train")) == 4
+  assert len(registry.make_source(config, "train")) == 4
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert np.isfinite(results["eval/retrieval/t2v_medr"])
   # 2 test videos with one caption each: no text matching, and t2v R@10 finds every clip.
@@ -159,12 +163,12 @@ def test_an_unreadable_video_is_skipped_and_counted_or_stops_the_run(tmp_path):
 def test_group_pair_blocks_take_one_caption_of_every_item_of_a_group():
   pairs = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1],
                     [3, 2]])
-  np.testing.assert_array_equal(pipeline.group_pair_blocks(pairs, 2),
+  np.testing.assert_array_equal(grouped.group_pair_blocks(pairs, 2),
                                 [[0, 2], [1, 3], [4, 7], [5, 8], [6, 9]])
   with pytest.raises(ValueError, match="group 0 have different caption counts \\[1, 2\\]"):
-    pipeline.group_pair_blocks(pairs[1:], 2)
+    grouped.group_pair_blocks(pairs[1:], 2)
   with pytest.raises(ValueError, match="3 source items do not split into groups of 2"):
-    pipeline.group_pair_blocks(pairs[:7], 2)
+    grouped.group_pair_blocks(pairs[:7], 2)
 
 
 def pair_keys(batch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cots_jax.data import transforms
 from cots_jax.data import video
 from cots_jax.data.transforms import BadExampleError
 from support import write_video
@@ -47,7 +48,7 @@ def _reference_segments(num_available, num_frames):
     (12, 4), (10, 3), (100, 8), (7, 7), (9, 2), (5, 8), (3, 8), (1, 4), (13, 1)])
 def test_uniform_indices_are_the_segment_centres(num_available, num_frames):
   centres = [((2 * j + 1) * num_available) // (2 * num_frames) for j in range(num_frames)]
-  indices = video.sample_frame_indices(num_available, num_frames)
+  indices = transforms.sample_frame_indices(num_available, num_frames)
   assert indices.dtype == np.int64
   np.testing.assert_array_equal(indices, centres)
 
@@ -55,7 +56,7 @@ def test_uniform_indices_are_the_segment_centres(num_available, num_frames):
 @pytest.mark.parametrize("num_available,num_frames", [(12, 4), (10, 3), (5, 8), (3, 8), (9, 2)])
 def test_random_indices_stay_in_and_cover_their_segments(num_available, num_frames):
   rng = np.random.default_rng(0)
-  draws = np.stack([video.sample_frame_indices(num_available, num_frames, rng)
+  draws = np.stack([transforms.sample_frame_indices(num_available, num_frames, rng)
                     for _ in range(2000)])
   assert draws.dtype == np.int64
   assert (np.diff(draws, axis=1) >= 0).all()
@@ -64,7 +65,7 @@ def test_random_indices_stay_in_and_cover_their_segments(num_available, num_fram
 
 
 def test_random_indices_are_uniform_over_whole_frame_segments():
-  draws = np.stack([video.sample_frame_indices(12, 4, np.random.default_rng(seed))
+  draws = np.stack([transforms.sample_frame_indices(12, 4, np.random.default_rng(seed))
                     for seed in range(3000)])
   for j in range(4):
     frequencies = np.bincount(draws[:, j] - 3 * j, minlength=3) / len(draws)
@@ -72,26 +73,26 @@ def test_random_indices_are_uniform_over_whole_frame_segments():
 
 
 def test_random_indices_are_deterministic_given_the_rng_state():
-  first = video.sample_frame_indices(50, 8, np.random.default_rng(7))
-  np.testing.assert_array_equal(first, video.sample_frame_indices(50, 8, np.random.default_rng(7)))
+  first = transforms.sample_frame_indices(50, 8, np.random.default_rng(7))
+  np.testing.assert_array_equal(first, transforms.sample_frame_indices(50, 8, np.random.default_rng(7)))
   rng = np.random.default_rng(7)
-  draws = {tuple(video.sample_frame_indices(50, 8, rng)) for _ in range(20)}
+  draws = {tuple(transforms.sample_frame_indices(50, 8, rng)) for _ in range(20)}
   assert len(draws) > 1
 
 
 def test_short_and_exact_length_clips():
   for rng in (None, np.random.default_rng(1)):
-    np.testing.assert_array_equal(video.sample_frame_indices(6, 6, rng), np.arange(6))
-    np.testing.assert_array_equal(video.sample_frame_indices(1, 5, rng), np.zeros(5))
+    np.testing.assert_array_equal(transforms.sample_frame_indices(6, 6, rng), np.arange(6))
+    np.testing.assert_array_equal(transforms.sample_frame_indices(1, 5, rng), np.zeros(5))
     # Two frames, four segments of half a frame: two of each.
-    np.testing.assert_array_equal(video.sample_frame_indices(2, 4, rng), [0, 0, 1, 1])
+    np.testing.assert_array_equal(transforms.sample_frame_indices(2, 4, rng), [0, 0, 1, 1])
 
 
 def test_sampling_errors():
   with pytest.raises(ValueError, match="num_available must be >= 1.*got 0"):
-    video.sample_frame_indices(0, 4)
+    transforms.sample_frame_indices(0, 4)
   with pytest.raises(ValueError, match="num_frames must be >= 1, got 0"):
-    video.sample_frame_indices(10, 0)
+    transforms.sample_frame_indices(10, 0)
 
 
 # ------------------------------------------------------------------------------ ArrayClip

@@ -126,6 +126,9 @@ def _block_patch_mask(rng, grid_h, grid_w, num_masked, min_block):
   return mask
 
 
+MVM_MASKS = ("block", "random")
+
+
 def mvm_mask(rng, grid_h, grid_w, num_masked, mode="block", min_block=16):
   """Patch mask of one image: bool [grid_h * grid_w] (row-major) with exactly `num_masked` True.
 
@@ -140,4 +143,4 @@ def mvm_mask(rng, grid_h, grid_w, num_masked, mode="block", min_block=16):
     return _random_patch_mask(rng, num_patches, num_masked)
   if mode == "block":
     return _block_patch_mask(rng, grid_h, grid_w, num_masked, min_block).reshape(-1)
-  raise ValueError(f"input.mvm_mask must be 'block' or 'random', got {mode!r}")
+  raise ValueError(f"input.mvm_mask must be one of {MVM_MASKS}, got {mode!r}")

@@ -20,9 +20,6 @@ import numpy as np
 
 from cots_jax.data.transforms import BadExampleError
 
-SOURCE_NAMES = ("captions_json", "tfds")
-
-
 def check_index(index, length):
   """IndexError unless 0 <= index < length (negative indices are not items)."""
   if not 0 <= index < length:
@@ -235,41 +232,3 @@ class TfdsCaptions:
             "name": self._where(index),
             "captions": self._caption_texts(record, index),
             "image_id": int(record.get("image/id", index))}
-
-
-def make_source(data_config, split_kind):
-  """The source of `split_kind` ("train" | "eval") named by `data_config` (config.input.data).
-
-  captions_json reads `annotations`, `images_dir` and `train_splits` (tuple) or `eval_split`;
-  tfds reads `tfds_name`, `tfds_data_dir` ("" = tfds's default), `tfds_train_split` or
-  `tfds_eval_split`, `image_key`, `captions_key` and `caption_text_key` ("" = plain Text).
-
-  Raises:
-    ValueError when the name is not in SOURCE_NAMES, split_kind is unknown or a required path
-    or name is empty.
-  """
-  if split_kind not in ("train", "eval"):
-    raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
-  train = split_kind == "train"
-  if data_config.name == "captions_json":
-    _check_given(data_config, "annotations", "images_dir")
-    return CaptionsJson(data_config.annotations, data_config.images_dir,
-                        data_config.train_splits if train else (data_config.eval_split,))
-  if data_config.name == "tfds":
-    _check_given(data_config, "tfds_name")
-    return TfdsCaptions(
-        data_config.tfds_name,
-        data_config.tfds_train_split if train else data_config.tfds_eval_split,
-        data_config.tfds_data_dir or None,
-        image_key=data_config.image_key, captions_key=data_config.captions_key,
-        caption_text_key=data_config.caption_text_key or None)
-  raise ValueError(f"input.data.name={data_config.name!r} is not a source; known: "
-                   f"{', '.join(SOURCE_NAMES)}")
-
-
-def _check_given(data_config, *fields):
-  """ValueError naming the first of `fields` of input.data that is empty."""
-  for field in fields:
-    if not data_config[field]:
-      raise ValueError(f"input.data.{field} must be set for input.data.name="
-                       f"{data_config.name!r}")

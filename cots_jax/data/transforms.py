@@ -12,6 +12,7 @@ error, never a partly decoded image (`ImageFile.LOAD_TRUNCATED_IMAGES` stays off
 Both resizes use PIL bicubic resampling.
 """
 
+import dataclasses
 import io
 import math
 import struct
@@ -189,3 +190,91 @@ def resize_center_crop(image, size):
 def to_unit_range(image):
   """uint8 [..., 3] -> float32 [..., 3] in [-1, 1] (x / 127.5 - 1)."""
   return image.astype(np.float32) / 127.5 - 1.0
+
+
+def sample_frame_indices(num_available, num_frames, rng=None):
+  """Indices of `num_frames` frames spread uniformly over a clip of `num_available` frames.
+
+  Frame i spans the time [i, i + 1); [0, num_available) is cut into `num_frames` equal segments
+  (float boundaries) and each segment gives the frame at one point of it: a point drawn
+  uniformly by `rng` (a np.random.Generator; training), so a frame's chance is its overlap with
+  the segment, or the segment's centre when `rng` is None (eval). Clips shorter than
+  `num_frames` have segments shorter than a frame, so indices repeat.
+
+  Returns:
+    int64 [num_frames], non-decreasing, in [0, num_available).
+  Raises:
+    ValueError when num_available < 1 or num_frames < 1.
+  """
+  if num_available < 1:
+    raise ValueError(f"num_available must be >= 1 (a clip with frames), got {num_available}")
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+  # Integer numerators: a boundary or centre that is a whole frame number comes out exact.
+  segments = np.arange(int(num_frames))
+  if rng is None:
+    points = (2 * segments + 1) * num_available / (2 * num_frames)
+  else:
+    points = rng.uniform(segments * num_available / num_frames,
+                         (segments + 1) * num_available / num_frames)
+  # uniform() may return its upper bound after rounding: keep the last index in range.
+  return np.minimum(np.floor(points).astype(np.int64), num_available - 1)
+
+
+# Training augmentations of `input.augment`.
+AUGMENTATIONS = ("none", "crop_flip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+  """Encoded bytes or a decoded array -> float32 [size, size, 3] in [-1, 1].
+
+  augment "crop_flip": random-resized crop (area fraction in `crop_scale`) + horizontal flip with
+  probability `flip_prob` (training on photos); "none": resize the shorter side + centre crop
+  (eval, and the synthetic data whose captions name positions). An image already of the target
+  size is not resampled.
+  """
+  size: int
+  augment: str = "none"  # one of AUGMENTATIONS
+  crop_scale: tuple[float, float] = (0.5, 1.0)
+  flip_prob: float = 0.5
+
+  @classmethod
+  def for_training(cls, config):
+    inp = config.input
+    return cls(config.model.image.image_size, inp.augment, tuple(inp.crop_scale), inp.flip_prob)
+
+  @classmethod
+  def for_views(cls, config):
+    """The second-view augmentation (input.view_crop_scale, input.view_flip_prob): the train
+    pairs' `image_view` and the eval split's `view_batches`."""
+    inp = config.input
+    return cls(config.model.image.image_size, "crop_flip", tuple(inp.view_crop_scale),
+               inp.view_flip_prob)
+
+  def pixels(self, image, name, rng=None):
+    """-> uint8 [size, size, 3]; raises BadExampleError(name, reason) when `image` does not
+    decode. `rng` (np.random.Generator) is needed by "crop_flip" only."""
+    pixels = decode_image(image, name)
+    if self.augment == "crop_flip":
+      return random_resized_crop(pixels, rng, self.size, scale=self.crop_scale,
+                                            flip_prob=self.flip_prob)
+    if pixels.shape[:2] != (self.size, self.size):
+      return resize_center_crop(pixels, self.size)
+    return pixels
+
+  def __call__(self, image, name, rng=None):
+    """-> float32 [size, size, 3] in [-1, 1]; see `pixels`."""
+    return to_unit_range(self.pixels(image, name, rng))
+
+  def clip_pixels(self, clip, name, num_frames, rng=None):
+    """`num_frames` frames of a clip (video.py's clip contract) -> uint8 [T, size, size, 3].
+
+    The frames are sampled by `sample_frame_indices` (a random frame of each segment with
+    `rng`, the segment centres without) and all get the same augmentation (one crop and flip
+    draw for the whole clip). Raises BadExampleError(name, reason) for an unreadable clip.
+    """
+    frames = clip.read(sample_frame_indices(clip.num_frames, num_frames, rng))
+    seed = None if rng is None else int(rng.integers(2**63))
+    return np.stack([self.pixels(frame, name, None if seed is None else np.random.default_rng(seed))
+                     for frame in frames])

@@ -13,7 +13,7 @@ A video source is random-access over videos, picklable and model-free like the i
 item i is {"video": clip, "name": str, "captions": list of str, "image_id": i}, and it has
 `captions(i)` and `caption_counts()`. `MsrVttSource` and `FramesFolderSource` read the MSR-VTT
 annotations (MSRVTT_data.json) with the optional 1k-A test list (see `_select_videos`).
-`sample_frame_indices` picks the frames of a clip that a model sees.
+`transforms.sample_frame_indices` picks the frames of a clip that a model sees.
 """
 
 import csv
@@ -30,35 +30,6 @@ FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SPLITS_WITHOUT_TEST_LIST = {"train": ("train", "validate"), "eval": ("test",)}
 _TEST_LIST_COLUMNS = ("video_id", "sentence")
 # The image sources' file reading and checks, shared rather than copied.
-
-
-def sample_frame_indices(num_available, num_frames, rng=None):
-  """Indices of `num_frames` frames spread uniformly over a clip of `num_available` frames.
-
-  Frame i spans the time [i, i + 1); [0, num_available) is cut into `num_frames` equal segments
-  (float boundaries) and each segment gives the frame at one point of it: a point drawn
-  uniformly by `rng` (a np.random.Generator; training), so a frame's chance is its overlap with
-  the segment, or the segment's centre when `rng` is None (eval). Clips shorter than
-  `num_frames` have segments shorter than a frame, so indices repeat.
-
-  Returns:
-    int64 [num_frames], non-decreasing, in [0, num_available).
-  Raises:
-    ValueError when num_available < 1 or num_frames < 1.
-  """
-  if num_available < 1:
-    raise ValueError(f"num_available must be >= 1 (a clip with frames), got {num_available}")
-  if num_frames < 1:
-    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-  # Integer numerators: a boundary or centre that is a whole frame number comes out exact.
-  segments = np.arange(int(num_frames))
-  if rng is None:
-    points = (2 * segments + 1) * num_available / (2 * num_frames)
-  else:
-    points = rng.uniform(segments * num_available / num_frames,
-                         (segments + 1) * num_available / num_frames)
-  # uniform() may return its upper bound after rounding: keep the last index in range.
-  return np.minimum(np.floor(points).astype(np.int64), num_available - 1)
 
 
 def _wanted_indices(indices):

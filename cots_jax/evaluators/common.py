@@ -19,6 +19,7 @@ import numpy as np
 
 from cots_jax import sharding
 from cots_jax.data import pipeline
+from cots_jax.data import registry
 from cots_jax.data import synthetic_video
 from cots_jax.evaluators import retrieval
 
@@ -38,7 +39,7 @@ class EvaluatorKind:
 
 
 def _directions(config):
-  return ("v2t", "t2v") if pipeline.is_video(config) else ("i2t", "t2i")
+  return ("v2t", "t2v") if registry.is_video(config) else ("i2t", "t2i")
 
 
 def _retrieval(config, split, ks, chunk):
@@ -64,13 +65,13 @@ def _text_matching(config, split, ks, chunk):
 def _direction(config, split, ks, chunk):
   """Retrieval among the synthetic clips that differ from the query's own only in direction."""
   del chunk
-  groups = synthetic_video.appearance_groups(pipeline.make_source(config, "eval"))
+  groups = synthetic_video.appearance_groups(registry.make_source(config, "eval"))
   evaluator = retrieval.WithinGroupEvaluator("direction", split, groups, ks, _directions(config))
   return evaluator.run
 
 
 def _needs_images(config):
-  return "needs images, not video" if pipeline.is_video(config) else None
+  return "needs images, not video" if registry.is_video(config) else None
 
 
 def _needs_synthetic_video(config):
@@ -120,7 +121,7 @@ def from_config(config, split):
 
   Args:
     config: the run's ConfigDict (`eval.evaluators`, `eval.ks`, `eval.chunk`).
-    split: the `pipeline.EvalSplit`.
+    split: the `eval_split.EvalSplit`.
   """
   check_config(config)
   evaluators = {}

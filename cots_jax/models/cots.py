@@ -31,15 +31,22 @@ from cots_jax.models import wst
 from cots_jax.models.bert import Bert
 from cots_jax.models.vit import ViT
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_FUSIONS = ("concat", "add", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# How the other modality's global vector enters the MLM / MVM heads.
+FUSIONS = ("concat", "add", "none")
+# Where that global vector comes from: the clean online pass or the momentum pass.
+MVLM_GLOBAL_SOURCES = ("online", "momentum")
+# A tower's global vector: its [CLS] state or the mean of its patch / real-token states.
+POOLINGS = ("cls", "mean")
+# COOKIE's intra-modal positives: a second view / dropout pass, or the tower's own projection.
+INTRA_MODES = ("views", "cross_model")
 
 
 def dtype_from_name(name):
   """`"float32"` / `"bfloat16"` -> the jnp dtype; ValueError naming the choices otherwise."""
-  if name not in _DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
 
 
 def l2_normalize(x, eps=1e-12):
@@ -112,7 +119,7 @@ class MvlmHead(nn.Module):
     elif self.fusion == "none":
       x = hidden
     else:
-      raise ValueError(f"config.model.mvlm_fusion must be one of {_FUSIONS}, got "
+      raise ValueError(f"config.model.mvlm_fusion must be one of {FUSIONS}, got "
                        f"{self.fusion!r}")
     x = nn.Dense(self.width, dtype=self.dtype, name="dense")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="LayerNorm")(nn.gelu(x, approximate=False))

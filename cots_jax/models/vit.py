@@ -10,6 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+# Patch positions: learned (hub checkpoints) or big_vision's fixed 2-D sine-cosine.
+POSEMBS = ("learn", "sincos2d")
+
 
 class MlpBlock(nn.Module):
   """Transformer feed-forward: Dense -> GELU -> Dense, `[..., D] -> [..., D]`."""
@@ -154,7 +157,7 @@ class ViT(nn.Module):
     elif self.posemb == "sincos2d":
       pos = jnp.pad(posemb_sincos_2d(self.grid_size, self.width), ((0, 0), (1, 0), (0, 0)))
     else:
-      raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+      raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
     x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
 
     block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock

@@ -1,0 +1,110 @@
+"""The data sources a config can name (`config.input.data.name`), in one table.
+
+Each entry says how to make the source of a split kind ("train" | "eval"), which fields of
+`config.input.data` it cannot do without, and whether its items are clips. Config validation,
+the pipeline, the evaluators and the state builder all read this table; a new source is added
+here and nowhere else.
+"""
+
+import dataclasses
+from typing import Callable
+
+from cots_jax.data import sources
+from cots_jax.data import synthetic
+from cots_jax.data import synthetic_video
+from cots_jax.data import video
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """One kind of source.
+
+  Attributes:
+    make: (config, train: bool) -> the source of the train or the eval split.
+    required: fields of `config.input.data` that must be non-empty.
+    video: True when its items hold a clip (`video`) instead of an image.
+  """
+  make: Callable
+  required: tuple = ()
+  video: bool = False
+
+
+def _synthetic(config, train):
+  data = config.input.data
+  return synthetic.SyntheticCaptions(data.num_train_images if train else data.num_eval_images,
+                                     "train" if train else "eval", config.seed,
+                                     config.model.image.image_size)
+
+
+def _synthetic_video(config, train):
+  data = config.input.data
+  return synthetic_video.SyntheticVideos(
+      data.num_train_images if train else data.num_eval_images, "train" if train else "eval",
+      config.seed, config.model.image.image_size, data.clip_frames or config.model.num_frames)
+
+
+def _captions_json(config, train):
+  data = config.input.data
+  return sources.CaptionsJson(data.annotations, data.images_dir,
+                              data.train_splits if train else (data.eval_split,))
+
+
+def _tfds(config, train):
+  data = config.input.data
+  return sources.TfdsCaptions(
+      data.tfds_name, data.tfds_train_split if train else data.tfds_eval_split,
+      data.tfds_data_dir or None, image_key=data.image_key, captions_key=data.captions_key,
+      caption_text_key=data.caption_text_key or None)
+
+
+def _msrvtt(config, train):
+  data = config.input.data
+  return video.MsrVttSource(data.annotations, data.videos_dir, "train" if train else "eval",
+                            data.test_list, data.video_extension)
+
+
+def _frames_folder(config, train):
+  data = config.input.data
+  return video.FramesFolderSource(data.annotations, data.videos_dir,
+                                  "train" if train else "eval", data.test_list)
+
+
+SOURCES = {
+    "synthetic": SourceKind(_synthetic),
+    "captions_json": SourceKind(_captions_json, required=("annotations", "images_dir")),
+    "tfds": SourceKind(_tfds, required=("tfds_name",)),
+    "synthetic_video": SourceKind(_synthetic_video, video=True),
+    "msrvtt": SourceKind(_msrvtt, required=("annotations", "videos_dir"), video=True),
+    "frames_folder": SourceKind(_frames_folder, required=("annotations", "videos_dir"),
+                                video=True),
+}
+
+
+def check_config(config):
+  """Raises ValueError naming the field when `input.data.name` is unknown or one of the fields
+  its source needs is empty."""
+  data = config.input.data
+  if data.name not in SOURCES:
+    raise ValueError(f"config.input.data.name={data.name!r} is not a source; known: "
+                     f"{', '.join(SOURCES)}")
+  for field in SOURCES[data.name].required:
+    if not data[field]:
+      raise ValueError(f"config.input.data.{field}={data[field]!r} must be set for "
+                       f"input.data.name={data.name!r}")
+
+
+def make_source(config, split_kind):
+  """The source of `split_kind` ("train" | "eval") named by `config.input.data.name`.
+
+  Raises:
+    ValueError when split_kind is unknown, or as `check_config`.
+  """
+  if split_kind not in ("train", "eval"):
+    raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
+  check_config(config)
+  return SOURCES[config.input.data.name].make(config, split_kind == "train")
+
+
+def is_video(config):
+  """True when the config's source yields clips (batches carry `video` [B, T, H, W, 3])."""
+  return SOURCES[config.input.data.name].video
