@@ -57,7 +57,7 @@ def model_config(size="tiny"):
   # Global vector of each tower (embeddings and MVLM conditioning): "cls" ([CLS] state, method
   # §1.2, the paper-scale default) or "mean" (mean of the patch / real-token states). Towers
   # trained from scratch start with a near-constant [CLS] state, and the CPU default's ITC did not
-  # leave chance in 200 steps with it; with "mean" it did (README).
+  # leave chance in 200 steps with it; with "mean" it did (docs/development.md#deviations-from-the-paper).
   m.pool = "mean" if size == "tiny" else "cls"
   m.remat = False  # rematerialise the tower blocks in the backward pass (memory for FLOPs)
   # COOKIE's weight-sharing transformer between the towers and the projections (method §2.2,
@@ -153,9 +153,6 @@ def base_config(size="tiny"):
   c.init_from_ema = False
   # True (configs/finetune_retrieval.py): refuse to start without init_from.
   c.require_init_from = False
-  # True: start in a workdir whose config.json has another model shape (checkpoint.py lists the
-  # fields); False refuses, so a typo cannot mix two runs in one workdir.
-  c.allow_config_change = False
 
   c.model = model_config(size)
   c.vq = vq_config(size)
@@ -163,7 +160,7 @@ def base_config(size="tiny"):
   # One weight per objective (method §1.3.5, §4.17); 0 skips the term's computation.
   # `base` keeps the method's lambda_mvlm = lambda_kl = 1. The tiny towers start from scratch,
   # where MLM / MVM at weight 1 win over ITC (the text tower collapses to one embedding and
-  # retrieval stays at chance); at 0.1 all terms learn (README, "Deviations").
+  # retrieval stays at chance); at 0.1 all terms learn (docs/development.md#deviations-from-the-paper).
   aux_weight = 0.1 if size == "tiny" else 1.0
   c.loss = ml_collections.ConfigDict()
   c.loss.itc = 1.0
@@ -190,7 +187,7 @@ def base_config(size="tiny"):
   # False: BriVL's N x (1+K) logits, positive at index 0 (method §1.3.1, the paper-scale default).
   # True (ALBEF): the batch's momentum keys are negatives too. The CPU default needs them: with
   # queue-only negatives its ITC did not learn at all in 200 steps (retrieval at chance), because
-  # fresh positives are told apart from stale queued keys by age, not content (README).
+  # fresh positives are told apart from stale queued keys by age, not content (docs/development.md#deviations-from-the-paper).
   c.queue.in_batch_negatives = size == "tiny"
   c.queue.multi_positive = False  # fine-tuning: every entry with the same image_id is a positive.
 
@@ -279,25 +276,25 @@ def base_config(size="tiny"):
   c.input.data.captions_key = "captions"
   c.input.data.caption_text_key = ""  # coco_captions: "text" (captions are dicts)
 
-  # Devices as [(axis, size)], one size -1 = the rest. FSDP: [("data", -1), ("fsdp", 8)].
-  c.mesh = [("data", -1)]
-  # [(regex, spec)] searched in "/"-joined state paths ("params/image/...", "opt/...",
+  # Devices as ((axis, size), ...), one size -1 = the rest. FSDP: (("data", -1), ("fsdp", 8)).
+  c.mesh = (("data", -1),)
+  # ((regex, spec), ...) searched in "/"-joined state paths ("params/image/...", "opt/...",
   # "queue/img"); the first match wins, unmatched leaves are replicated. spec: a tuple of mesh
   # axes / None per dim, or "fsdp" = split the largest dim divisible by the mesh's "fsdp" axis
   # (replicated when the mesh has none, or below fsdp_min_size elements). Queues are replicated;
   # ("^queue/(img|txt|idx|valid)", ("data",)) shards them along K instead.
-  c.sharding_rules = [("^queue/", ()), (".*", "fsdp")]
+  c.sharding_rules = (("^queue/", ()), (".*", "fsdp"))
   c.fsdp_min_size = 2**14
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250
   c.eval.chunk = 4096  # similarity rows per chunk (design §4.1)
   c.eval.ks = (1, 5, 10)
-  # [(name, {option: value})] of cots_jax/evaluators/common.py's EVALUATORS, each run with the
+  # ((name, {option: value}), ...) of cots_jax/evaluators/common.py's EVALUATORS, each run with the
   # online and the momentum encoder; options (ks, chunk) override the two fields above.
   # retrieval: image <-> text (video <-> text); image_instance / text_matching: COOKIE's unimodal
   # tasks (method §2.1); direction: synthetic clips against their direction twins.
-  c.eval.evaluators = [("retrieval", {}), ("image_instance", {}), ("text_matching", {})]
+  c.eval.evaluators = (("retrieval", {}), ("image_instance", {}), ("text_matching", {}))
   return c
 
 

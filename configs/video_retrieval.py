@@ -40,9 +40,9 @@ def get_config(arg=None):
   config.queue.multi_positive = config.queue.in_batch_negatives = True
   config.amf.enabled = False
   # Clips have no image views; the synthetic clips' direction twins get their own recall.
-  config.eval.evaluators = ([("retrieval", {})]
-                            + [("direction", {})] * (arg.data == "synthetic")
-                            + [("text_matching", {})])
+  config.eval.evaluators = ((("retrieval", {}),)
+                            + (("direction", {}),) * (arg.data == "synthetic")
+                            + (("text_matching", {}),))
   if arg.model == "tiny":
     # T frames per clip cost T images per pair: a smaller batch keeps a step near the image one.
     config.input.batch_size, config.queue.size = 32, 1024

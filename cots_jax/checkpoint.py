@@ -14,6 +14,11 @@ WORKDIR, `config.init_from` and `config.vq.init` may be local paths or gs:// URL
 workers share one bucket; cots_jax/paths.py): every file goes through etils.epath, which Orbax
 uses too. gs:// is the only object store Orbax's array writer (tensorstore) supports.
 
+Every restore (the train state, the VQ tokenizer, init_from, inference) goes through
+`restore_tree`, which reads an Orbax item into the shapes and shardings of the current mesh,
+whatever number of processes or devices wrote it, after comparing the wanted tree with the
+item's own metadata; a mismatch lists every differing leaf.
+
 Resume: a run started in a workdir with checkpoints restores the latest complete one into the
 current mesh's shardings (any device count) and continues with exactly the batches, queues, AMF
 statistics and random keys an uninterrupted run would have had. The restarted run appends to
@@ -33,103 +38,24 @@ import grain
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-import ml_collections
 import orbax.checkpoint as ocp
 
 from cots_jax import paths
-from cots_jax import vq_trainer
-from cots_jax.data import registry
-from cots_jax.models import cots
-
-# Fields under config.model that leave the parameter shapes alone; every other model field
-# (also ones added later) counts as a change of shape.
-MODEL_FIELDS_KEEPING_SHAPES = (
-    "dtype", "remat", "pool", "mvlm_global_src", "mvlm_global_stopgrad", "image.dropout",
-    "image.init", "image.layer_norm_eps", "image.gelu", "text.dropout", "text.init",
-    "text.layer_norm_eps", "text.gelu", "wst_pool", "wst_dropout", "temporal_agg", "num_frames",
-    "temporal_layers")
-# Fields outside config.model that shape the train state.
-STATE_SHAPE_FIELDS = (*(f"vq.{field}" for field in vq_trainer.SHAPE_FIELDS), "queue.size",
-                      "temp.learnable")
-# Shape fields added after workdirs existed, with the value that a config saved before them
-# implied (what the code of that time built), so that such a workdir still resumes.
-LEGACY_VALUES = {"model.image.posemb": "learn"}
-# A shape fact that no single field holds: COOKIE's cross_model terms add the towers' own
-# projections (`models.cots.needs_encoder_projections`).
-ENCODER_PROJECTIONS = "loss.cookie_intra_mode=cross_model projections"
-# Another: only a temporal transformer on video data has parameters, whose shapes its frame count
-# and depth fix; mean pooling has none, and image runs build no temporal module at all.
-TEMPORAL_TRANSFORMER = "model.temporal_agg=transformer (num_frames, temporal_layers)"
-
 
 # ------------------------------------------------------------------------------------- workdir
 
 
-def _dotted_leaves(tree, prefix=""):
-  """{"a.b.c": value} for every non-dict value of a nested dict."""
-  leaves = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      leaves.update(_dotted_leaves(value, f"{prefix}{key}."))
-    else:
-      leaves[f"{prefix}{key}"] = value
-  return leaves
+def prepare_workdir(workdir):
+  """Makes WORKDIR and proves it writable, by writing and deleting a small file of a unique name
+  (every process of a pod probes the same bucket). WORKDIR is a local path or a gs:// URL
+  (cots_jax/paths.py).
 
-
-def state_shape_fields(config_dict):
-  """The config fields (dotted names) that fix the shapes of the train state, with values.
-
-  Args:
-    config_dict: the config as plain JSON data (`json.loads(config.to_json_best_effort())`).
-  """
-  values = _dotted_leaves(config_dict)
-  keep = {f"model.{name}" for name in MODEL_FIELDS_KEEPING_SHAPES}
-  names = ([n for n in values if n.startswith("model.") and n not in keep]
-           + [n for n in LEGACY_VALUES if n not in values] + list(STATE_SHAPE_FIELDS))
-  fields = {name: values.get(name, LEGACY_VALUES.get(name)) for name in names}
-  fields[ENCODER_PROJECTIONS] = _has_encoder_projections(config_dict)
-  fields[TEMPORAL_TRANSFORMER] = _temporal_transformer_shape(config_dict)
-  return fields
-
-
-def _has_encoder_projections(config_dict):
-  """`needs_encoder_projections` of a config as JSON data; False for a config saved before
-  COOKIE's fields existed."""
-  try:
-    return cots.needs_encoder_projections(ml_collections.ConfigDict(config_dict))
-  except AttributeError:
-    return False
-
-
-def _temporal_transformer_shape(config_dict):
-  """[num_frames, temporal_layers] when the config trains a temporal transformer on video data,
-  else None (also for a config saved before the video fields existed)."""
-  model = config_dict["model"]
-  if (model.get("temporal_agg") != "transformer"
-      or not registry.is_video(ml_collections.ConfigDict(config_dict))):
-    return None
-  return [model["num_frames"], model["temporal_layers"]]
-
-
-def changed_shape_fields(saved, config_dict):
-  """Lines `config.<field>: saved <a>, now <b>` for every shape field that differs."""
-  before, now = state_shape_fields(saved), state_shape_fields(config_dict)
-  return [f"config.{name}: saved {before.get(name)!r}, now {value!r}"
-          for name, value in now.items() if before.get(name) != value]
-
-
-def prepare_workdir(workdir, config, write_config=True):
-  """Makes WORKDIR, proves it writable, checks its saved config.json, then writes the new one.
-
-  WORKDIR is a local path or a gs:// URL (cots_jax/paths.py). Writability is proven by writing
-  and deleting a small file of a unique name (every process of a pod probes the same bucket).
-  The new config.json is written next to it and renamed over it, so a reader sees the old or the
-  new file, never half of one.
+  Returns:
+    The config.json that WORKDIR holds (plain JSON data), or None: what a restore that does not
+    fit names the differing fields with (`state.shape_change_explainer`).
 
   Raises:
     OSError when WORKDIR cannot be made or written (at start, before any work).
-    ValueError listing, one line per field, the shape fields (`state_shape_fields`) in which the
-      config.json already in WORKDIR differs from `config`, unless `config.allow_config_change`.
   """
   directory = epath.Path(workdir)
   try:
@@ -139,22 +65,18 @@ def prepare_workdir(workdir, config, write_config=True):
     probe.unlink()
   except Exception as error:  # Object stores also raise auth and HTTP errors that are no OSError.
     raise OSError(f"workdir {workdir!r} is not writable: {error}") from error
-  config_dict = json.loads(config.to_json_best_effort())
   path = directory / "config.json"
-  if path.exists():
-    changes = changed_shape_fields(json.loads(path.read_text()), config_dict)
-    if changes and not config.allow_config_change:
-      raise ValueError(
-          f"{path} was saved with another model shape; its checkpoints would not fit:\n  "
-          + "\n  ".join(changes)
-          + "\nUse a new workdir, or set --config.allow_config_change=true to start anyway.")
-    if changes:
-      logging.warning("config.allow_config_change: the shape of the state changed:\n  %s",
-                      "\n  ".join(changes))
-  if write_config:
-    staged = directory / "config.json.tmp"
-    staged.write_text(config.to_json_best_effort(indent=2))
-    staged.replace(path)
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_config(workdir, config):
+  """Writes `config` as WORKDIR/config.json, staged beside it and renamed over it, so a reader
+  sees the old or the new file, never half of one. The trainer writes it once its state fits
+  the config (restored or new), so config.json always describes the checkpoints beside it."""
+  directory = epath.Path(workdir)
+  staged = directory / "config.json.tmp"
+  staged.write_text(config.to_json_best_effort(indent=2))
+  staged.replace(directory / "config.json")
 
 
 def state_bytes(abstract_state):
@@ -241,21 +163,79 @@ def _shapes_by_path(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_differences(expected, found):
+def tree_differences(expected, found, notes=None):
   """Lines naming the leaves missing from `found`, unexpected in it, or of another shape.
 
   Args:
     expected: the tree wanted (arrays or ShapeDtypeStructs).
     found: the tree on disk (Orbax metadata: leaves with `.shape`).
+    notes: optional {leaf path: text} added to that leaf's line in brackets.
   """
   want, have = _shapes_by_path(expected), _shapes_by_path(found)
-  return ([f"missing: {p} {want[p]}" for p in sorted(want.keys() - have.keys())]
-          + [f"unexpected: {p} {have[p]}" for p in sorted(have.keys() - want.keys())]
-          + [f"mis-shaped: {p} is {have[p]} in the checkpoint, {want[p]} here"
+  notes = notes or {}
+
+  def noted(path, line):
+    return f"{line} [{notes[path]}]" if path in notes else line
+
+  return ([noted(p, f"missing: {p} {want[p]}") for p in sorted(want.keys() - have.keys())]
+          + [noted(p, f"unexpected: {p} {have[p]}") for p in sorted(have.keys() - want.keys())]
+          + [noted(p, f"mis-shaped: {p} is {have[p]} in the checkpoint, {want[p]} here")
              for p in sorted(want.keys() & have.keys()) if want[p] != have[p]])
 
 
-def restore_checkpoint(manager, abstract_state, train_iter):
+def differing_paths(expected, found):
+  """The leaf paths ("a/b/c") in which two trees differ: missing, unexpected or of another
+  shape."""
+  want, have = _shapes_by_path(expected), _shapes_by_path(found)
+  return sorted((want.keys() ^ have.keys())
+                | {p for p in want.keys() & have.keys() if want[p] != have[p]})
+
+
+def saved_tree(directory):
+  """The tree of the Orbax item at `directory` (local or gs://), each leaf's metadata with
+  `.shape` and `.dtype`; nothing is read but the metadata."""
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
+
+
+def restore_tree(directory, target, what, partial=False, explain=None):
+  """Reads the Orbax item at `directory` into `target`: the one restore of the project.
+
+  Each array is read straight into the shape and the sharding of its ShapeDtypeStruct in
+  `target` (the current mesh), whatever number of processes or devices saved it: each process
+  reads only the shards its devices hold.
+
+  Args:
+    directory: an Orbax PyTree item (a checkpoint's `<step>/state`, a tokenizer's `params`),
+      local or gs://.
+    target: the wanted tree of ShapeDtypeStructs with shardings.
+    what: how errors name the item (e.g. "checkpoint 20 in DIR", "config.init_from='run'").
+    partial: True reads only the top-level subtrees of `target` (e.g. "params"), the others
+      saved beside them are neither read nor reported.
+    explain: called with the differing leaf paths when the item does not fit; returns
+      {path: note} (e.g. the config field that shapes that leaf) for the error's lines.
+
+  Returns:
+    The restored tree, the structure of `target`.
+
+  Raises:
+    ValueError listing the missing, unexpected and mis-shaped leaves when the item does not
+    have the structure of `target` (compared with the item's metadata before anything is read).
+  """
+  saved = saved_tree(directory)
+  if partial:
+    saved = {key: saved.get(key, {}) for key in target}
+  paths = differing_paths(target, saved)
+  if paths:
+    notes = explain(paths) if explain else {}
+    raise ValueError(f"{what} does not fit the configured state:\n  "
+                     + "\n  ".join(tree_differences(target, saved, notes)))
+  return ocp.PyTreeCheckpointer().restore(
+      epath.Path(directory), args=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=partial))
+
+
+def restore_checkpoint(manager, abstract_state, train_iter, explain=None):
   """Restores the latest complete checkpoint into `train_iter`; returns the state (or None).
 
   Args:
@@ -263,6 +243,7 @@ def restore_checkpoint(manager, abstract_state, train_iter):
     abstract_state: ShapeDtypeStructs with the shardings of the current mesh; the arrays are
       resharded to them, whatever mesh wrote the checkpoint.
     train_iter: the grain iterator; set to the position saved with the state.
+    explain: as `restore_tree`'s.
 
   Raises:
     ValueError listing the missing / unexpected / mis-shaped leaves when the checkpoint's state
@@ -271,15 +252,27 @@ def restore_checkpoint(manager, abstract_state, train_iter):
   step = manager.latest_step()
   if step is None:
     return None
-  differences = tree_differences(abstract_state, manager.item_metadata(step)["state"].tree)
-  if differences:
-    raise ValueError(f"checkpoint {step} in {manager.directory} does not fit the configured "
-                     "train state:\n  " + "\n  ".join(differences))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(train_iter)))
+  state = restore_tree(manager.directory / str(step) / "state", abstract_state,
+                       f"checkpoint {step} in {manager.directory}", explain=explain)
+  saved_by = _data_position_layout(manager.directory / str(step) / "data")
+  if saved_by == jax.process_count():
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+  else:
+    logging.warning(
+        "checkpoint %d holds the data position of %s processes, this run has %d: the data "
+        "stream starts again from its first example (an exact position across process counts "
+        "is not built yet)", step, saved_by, jax.process_count())
   logging.info("Resumed from step %d of %s", step, manager.directory)
-  return restored["state"]
+  return state
+
+
+def _data_position_layout(directory):
+  """How many processes saved the grain iterator positions in `directory` (their files are
+  `process_<i>-of-<n>.json`); None when it holds none."""
+  counts = {int(path.name.rsplit("-of-", 1)[1].split(".")[0])
+            for path in directory.glob("process_*-of-*.json")}
+  return counts.pop() if len(counts) == 1 else None
 
 
 # ---------------------------------------------------------------------------------- init_from
@@ -323,19 +316,14 @@ def restore_params(path, target, step=None, what="checkpoint", optional=()):
     if step not in steps:
       raise FileNotFoundError(f"{what}={str(path)!r}: no complete checkpoint of step {step} in "
                               f"{directory} (steps there: {sorted(steps)})")
-    saved = manager.item_metadata(step)["state"].tree
-    target = {name: {key: value for key, value in tree.items()
-                     if key not in optional or key in saved.get(name, {})}
-              for name, tree in target.items()}
-    differences = tree_differences(target, {name: saved.get(name, {}) for name in target})
-    if differences:
-      raise ValueError(f"{what}={str(path)!r} (step {step}) does not fit this model:\n  "
-                       + "\n  ".join(differences))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))["state"]
   finally:
     manager.close()
+  item = directory / str(step) / "state"
+  saved = saved_tree(item)
+  target = {name: {key: value for key, value in tree.items()
+                   if key not in optional or key in saved.get(name, {})}
+            for name, tree in target.items()}
+  restored = restore_tree(item, target, f"{what}={str(path)!r} (step {step})", partial=True)
   logging.info("Loaded %s from step %d of %s", " and ".join(target), step, directory)
   return restored, step
 

@@ -16,7 +16,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from configs import common
 from cots_jax import checkpoint
 from cots_jax import paths
 from cots_jax import state as state_lib
@@ -40,9 +39,7 @@ def load_run_config(workdir):
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not the workdir of a "
                             "cots_jax run")
-  config = common.base_config()
-  config.update(json.loads(path.read_text()))
-  return config
+  return state_lib.config_from_json(json.loads(path.read_text()))
 
 
 @dataclasses.dataclass
@@ -79,7 +76,7 @@ class TrainedRun:
     """
     if config is None:
       config = load_run_config(workdir)
-      config.mesh = [("data", -1)]
+      config.mesh = (("data", -1),)
     built = state_lib.build(config, state_lib.make_mesh(config))
     params, step = checkpoint.restore_params(workdir, built.abstract_params, step, what="workdir")
     return cls(built.config, step, params, built.mesh,

@@ -97,11 +97,15 @@ def global_batch(host_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
 
 
+def replicated_everywhere():
+  """Sharding of an array kept whole on every device of every process."""
+  return replicated(Mesh(np.asarray(jax.devices()), ("all",)))
+
+
 def replicate_globally(host_tree):
   """Host-local arrays, identical on every process (e.g. the frozen VQ tokenizer trained alike on
   each host), as global arrays replicated on all devices of all processes: what Orbax saves and
   what a jitted step takes in multi-process runs."""
-  mesh = Mesh(np.asarray(jax.devices()), ("all",))
+  everywhere = replicated_everywhere()
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x)),
-      host_tree)
+      lambda x: jax.make_array_from_process_local_data(everywhere, np.asarray(x)), host_tree)

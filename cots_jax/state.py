@@ -13,12 +13,15 @@ The state is a plain dict (design §3):
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 
+from configs import common
 from cots_jax import checkpoint
 from cots_jax import config_validation
 from cots_jax import losses
@@ -139,6 +142,14 @@ def shardings_of(abstract):
 # --------------------------------------------------------------------------------------- build
 
 
+def config_from_json(data):
+  """The ConfigDict of a saved config.json (`data`, plain JSON); fields that it predates take
+  the defaults of configs/common.py (a field added later defaults to the behaviour before it)."""
+  config = common.base_config()
+  config.update(data)
+  return config
+
+
 def prepare_config(config):
   """`config` with the sizes (and tokenizer) of a pre-trained tower's checkpoint
   (`pretrained.resolve_pretrained`), validated; raises ValueError naming a bad field."""
@@ -175,6 +186,11 @@ class Built:
   def abstract_params(self):
     """{"params", "params_ema"} of `abstract`: what inference restores from a checkpoint."""
     return {key: self.abstract[key] for key in ("params", "params_ema")}
+
+  def with_vq(self, vq_variables):
+    """This `Built` with the frozen tokenizer `vq_variables` (host-local or global arrays of
+    the configured shape), replicated on every device of every process."""
+    return dataclasses.replace(self, vq_variables=sharding.replicate_globally(vq_variables))
 
   def fresh_state(self):
     """The initialised train state, made by a jitted init with `out_shardings`, so no state is
@@ -226,3 +242,38 @@ def build(config, mesh, vq_variables=None):
                             vq_variables, jax.random.PRNGKey(config.seed))
   return Built(config, mesh, model, optimizer, vq_variables,
                with_shardings(abstract, config, mesh))
+
+
+def shape_change_explainer(saved_json, config, mesh):
+  """For `checkpoint.restore_tree(explain=...)`: which config field changed a leaf's shape.
+
+  A field is blamed for a differing leaf when the field's value in the saved config.json
+  (`saved_json`), set alone in `config`, gives the leaf back its saved shape: found by building
+  the abstract state (no arrays) once per field that differs. Fields whose saved value does not
+  build alone are passed over.
+
+  Returns:
+    explain(paths) -> {leaf path: "config.<field>: saved <a>, now <b>"} for the paths it can
+    blame; {} when there is no saved config.
+  """
+  def explain(paths):
+    if saved_json is None:
+      return {}
+    now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+    saved = traverse_util.flatten_dict(
+        json.loads(config_from_json(saved_json).to_json_best_effort()), sep=".")
+    current = build(config, mesh).abstract
+    notes = {}
+    for field in sorted(name for name in now if saved.get(name) != now[name]):
+      trial = config.copy_and_resolve_references()
+      try:
+        trial.update_from_flattened_dict({field: saved.get(field)})
+        reverted = build(trial, mesh).abstract
+      except (ValueError, TypeError, KeyError, AttributeError):
+        continue  # e.g. a value that is invalid without the other saved fields
+      for path in set(checkpoint.differing_paths(current, reverted)) & set(paths):
+        notes.setdefault(path, f"config.{field}: saved {saved.get(field)!r}, now {now[field]!r}")
+    return notes
+
+  return explain
+

@@ -55,11 +55,11 @@ def train_and_evaluate(config, workdir):
 
 def _train_and_evaluate(config, workdir, preemption):
   """`train_and_evaluate`, with SIGTERM turned into `preemption.requested(step)`."""
-  # --- logging & workdir (fails here if it is unwritable or holds a run of another shape); a
-  # pre-trained tower's sizes and tokenizer enter the config first, so config.json has them
+  # --- logging & workdir (fails here if it is unwritable); a pre-trained tower's sizes and
+  # tokenizer enter the config first, so config.json (written once the state fits) has them
   config = state_lib.prepare_config(config)
   is_chief = jax.process_index() == 0
-  checkpoint.prepare_workdir(workdir, config, write_config=is_chief)
+  saved_config = checkpoint.prepare_workdir(workdir)
   writer = MetricWriter(workdir, enabled=is_chief)
 
   # --- mesh
@@ -70,22 +70,25 @@ def _train_and_evaluate(config, workdir, preemption):
       config, process_index=jax.process_index(), process_count=jax.process_count())
   split = eval_split.make_eval_split(config)
 
-  # --- VQ tokenizer (frozen; trained first in this workdir when config.vq.init is empty)
-  vq_variables = sharding.replicate_globally(vq_trainer.obtain_tokenizer(config, workdir, writer))
-
-  # --- model & state
-  built = state_lib.build(config, mesh, vq_variables)
+  # --- model & state, abstract (nothing is allocated; the VQ tokenizer of the configured shape)
+  built = state_lib.build(config, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(built.abstract["params"]))
   logging.info("model: %.2fM parameters (online towers + heads)", num_params / 1e6)
 
-  # --- checkpoint: resume from the latest complete one (no fresh state is built first), else the
-  # initial state (public weights of model.*.init, then the run of init_from when set)
+  # --- checkpoint: resume from the latest complete one (its state holds the VQ tokenizer), else
+  # the initial state (public weights of model.*.init, then the run of init_from when set) with
+  # the frozen VQ tokenizer, trained first in this workdir when config.vq.init is empty
   manager = checkpoint.checkpoint_manager(workdir, config)
   checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(built.abstract))
   if manager.latest_step() is not None:
-    state = checkpoint.restore_checkpoint(manager, built.abstract, train_iter)
+    state = checkpoint.restore_checkpoint(
+        manager, built.abstract, train_iter,
+        explain=state_lib.shape_change_explainer(saved_config, config, mesh))
   else:
-    state = built.initial_state()
+    vq_variables = vq_trainer.obtain_tokenizer(config, workdir, writer)
+    state = built.with_vq(vq_variables).initial_state()
+  if is_chief:
+    checkpoint.write_config(workdir, config)
   start_step = int(jax.device_get(state["step"]))
   if start_step >= config.total_steps:
     # A finished run started again (e.g. a whole job re-queued): nothing is compiled or run.

@@ -20,6 +20,7 @@ A trained tokenizer lives in a directory (WORKDIR/vq, local or gs://) as Orbax p
 (`obtain_tokenizer`).
 """
 
+import functools
 import json
 import os
 
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from cots_jax import checkpoint
 from cots_jax import paths
 from cots_jax import sharding
 from cots_jax.data import eval_split
@@ -263,7 +265,8 @@ def find_tokenizer_dir(path):
 
 
 def load_tokenizer(path, config):
-  """Loads the tokenizer saved in `path` (or PATH/vq; local or gs://) as `{"params": ...}`.
+  """Loads the tokenizer saved in `path` (or PATH/vq; local or gs://) as `{"params": ...}`,
+  replicated on every device of every process, whatever number of processes saved it.
 
   Raises:
     FileNotFoundError when there is none; ValueError naming the `config.vq` / patch fields whose
@@ -278,8 +281,12 @@ def load_tokenizer(path, config):
   if differing:
     raise ValueError(f"the tokenizer in {directory} does not match the config "
                      f"(field: saved, configured): {differing}")
-  params = ocp.StandardCheckpointer().restore(directory / "params")
-  return {"params": jax.tree.map(jnp.asarray, params)}
+  everywhere = sharding.replicated_everywhere()
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=everywhere),
+      jax.eval_shape(functools.partial(random_tokenizer, config), jax.random.PRNGKey(0))["params"])
+  return {"params": checkpoint.restore_tree(directory / "params", target,
+                                            f"config.vq.init={str(path)!r} ({directory})")}
 
 
 def tokenizer_quality(config, params, images):

@@ -29,11 +29,13 @@ from cots_jax import checkpoint
 from cots_jax import inference
 from cots_jax import sharding
 from cots_jax import state as state_lib
+from cots_jax import step as step_lib
 from cots_jax import train
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 from cots_jax.metrics_writer import read_metrics
-from support import REPO, TINY, start_main, subprocess_env, tiny_config, tiny_flags
+from support import (REPO, TINY, missing_requirement, start_main, subprocess_env, tiny_config,
+                     tiny_flags)
 
 # Shards a queue and two parameter families (and their EMA / Adam moments) over "data".
 MESH_RULES = [("^queue/(img|txt)$", ("data", None)), ("mlp/fc1/kernel$", (None, "data")),
@@ -373,7 +375,7 @@ def test_init_from_lists_missing_unexpected_and_mis_shaped_parameters(tmp_path):
   with pytest.raises(ValueError) as error:
     checkpoint.load_towers(str(tmp_path), wanted)
   lines = str(error.value).splitlines()
-  assert "(step 3) does not fit this model" in lines[0]
+  assert "(step 3) does not fit the configured state" in lines[0]
   assert [line.strip() for line in lines[1:]] == [
       "missing: params/head/kernel (2,)",
       "unexpected: params/tower/bias (3,)",
@@ -411,78 +413,94 @@ def test_free_space_check_fails_when_a_checkpoint_cannot_fit(tmp_path):
   assert checkpoint.state_bytes(small_state()) == 4 * (12 + 3 + 12 + 3 + 12 + 1)
 
 
-def test_a_workdir_of_another_model_shape_is_refused_unless_allowed(tmp_path):
-  workdir = str(tmp_path)
-  checkpoint.prepare_workdir(workdir, tiny_config())
-  same_shape = tiny_config(**{"total_steps": 50, "model.text.dropout": 0.1, "optim.lr": 0.1})
-  checkpoint.prepare_workdir(workdir, same_shape)
-  other = tiny_config(**{"model.text.width": 64, "vq.codebook_size": 32})
+def test_prepare_workdir_returns_the_config_it_holds_and_write_config_replaces_it(tmp_path):
+  workdir = str(tmp_path / "new")
+  assert checkpoint.prepare_workdir(workdir) is None
+  checkpoint.write_config(workdir, tiny_config())
+  assert checkpoint.prepare_workdir(workdir)["model"]["text"]["width"] == 32
+  checkpoint.write_config(workdir, tiny_config(**{"model.text.width": 64}))
+  assert checkpoint.prepare_workdir(workdir)["model"]["text"]["width"] == 64
+  assert os.listdir(workdir) == ["config.json"]
+
+
+def test_a_checkpoint_of_another_shape_names_each_leaf_with_the_field_that_shapes_it(
+    trained_run, tmp_path):
+  """The run's checkpoint is compared with the state this config builds; a differing leaf names
+  the field whose saved value would give it back its shape, fields that shape nothing are not
+  blamed, and nothing is trained or overwritten."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run, workdir)
+  run = {"loss.mvm": 0.0, "loss.mlm": 0.0}
+  other = tiny_config(**run, **{"model.text.width": 64, "temp.learnable": True,
+                                "total_steps": 14, "optim.lr": 0.1})
   with pytest.raises(ValueError) as error:
-    checkpoint.prepare_workdir(workdir, other)
-  lines = str(error.value).splitlines()
-  assert [line.strip() for line in lines[1:-1]] == [
-      "config.model.text.width: saved 32, now 64", "config.vq.codebook_size: saved 16, now 32"]
-  assert "allow_config_change=true" in lines[-1]
-  other.allow_config_change = True
-  checkpoint.prepare_workdir(workdir, other)
+    train.train_and_evaluate(other, workdir)
+  lines = [line.strip() for line in str(error.value).splitlines()]
+  assert lines[0].startswith("checkpoint 12 in ") and "does not fit the configured state" in lines[0]
+  assert "missing: params/temp () [config.temp.learnable: saved False, now True]" in lines
+  text_lines = [line for line in lines[1:] if "/text/" in line]
+  assert text_lines and all(
+      line.endswith("[config.model.text.width: saved 32, now 64]") for line in text_lines)
+  assert not any("total_steps" in line or "optim.lr" in line for line in lines)
+  assert complete_steps(workdir) == complete_steps(trained_run)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    assert json.load(f)["model"]["text"]["width"] == 64
+    assert json.load(f)["model"]["text"]["width"] == 32  # still the checkpoints' config
 
 
-def test_cookie_cross_model_projections_count_as_a_shape_change(tmp_path):
-  """cross_model adds the towers' own projections; a weight change alone keeps the shapes."""
-  workdir = str(tmp_path)
-  views = {"model.use_wst": True, "loss.cookie_vv": 1.0, "loss.cookie_intra_mode": "views"}
-  checkpoint.prepare_workdir(workdir, tiny_config(**views))
-  checkpoint.prepare_workdir(workdir, tiny_config(**{**views, "loss.cookie_vv": 0.5}))
-  cross = tiny_config(**{**views, "loss.cookie_intra_mode": "cross_model"})
-  with pytest.raises(ValueError) as error:
-    checkpoint.prepare_workdir(workdir, cross)
-  assert [line.strip() for line in str(error.value).splitlines()[1:-1]] == [
-      f"config.{checkpoint.ENCODER_PROJECTIONS}: saved False, now True"]
-  legacy = json.loads(tiny_config().to_json_best_effort())
-  del legacy["loss"]["cookie_intra_mode"]
-  assert not checkpoint.state_shape_fields(legacy)[checkpoint.ENCODER_PROJECTIONS]
+VIDEO = {"input.data.name": "synthetic_video", "loss.mvm": 0.0,
+         "eval.evaluators": [("retrieval", {})]}
 
 
-def test_only_a_temporal_transformer_on_video_counts_as_a_temporal_shape(tmp_path):
-  """Mean pooling has no parameters, so its frame count may change, and a config saved before
-  the video fields existed still resumes; a temporal transformer's frames and depth may not."""
-  workdir = str(tmp_path)
-  video = {"input.data.name": "synthetic_video", "model.num_frames": 4}
-  checkpoint.prepare_workdir(workdir, tiny_config(**video))
-  checkpoint.prepare_workdir(workdir, tiny_config(**{**video, "model.num_frames": 8}))
-  transformer = {**video, "model.temporal_agg": "transformer", "model.temporal_layers": 1}
-  with pytest.raises(ValueError) as error:
-    checkpoint.prepare_workdir(workdir, tiny_config(**transformer))
-  assert [line.strip() for line in str(error.value).splitlines()[1:-1]] == [
-      f"config.{checkpoint.TEMPORAL_TRANSFORMER}: saved None, now [4, 1]"]
-  image_run = tiny_config(**{"model.temporal_agg": "transformer"})
-  assert checkpoint.state_shape_fields(
-      json.loads(image_run.to_json_best_effort()))[checkpoint.TEMPORAL_TRANSFORMER] is None
-  legacy = json.loads(tiny_config().to_json_best_effort())
-  for field in ("temporal_agg", "num_frames", "temporal_layers"):
-    del legacy["model"][field]
-  assert not checkpoint.changed_shape_fields(legacy, json.loads(tiny_config().to_json_best_effort()))
+@pytest.mark.parametrize("change, shapes_change", [
+    ({"model.dtype": "bfloat16", "model.text.dropout": 0.1, "loss.kl_align": 0.5}, False),
+    ({**VIDEO, "model.num_frames": 8}, False),
+    ({**VIDEO, "model.temporal_agg": "transformer", "model.temporal_layers": 1}, True),
+    ({"model.image.posemb": "sincos2d"}, True),
+    ({"model.use_wst": True, "loss.cookie_vv": 1.0, "loss.cookie_intra_mode": "cross_model",
+      "input.second_view": True}, True),
+])
+def test_which_config_changes_change_the_state_comes_from_the_state_itself(change, shapes_change):
+  """Mean pooling of frames has no parameters (its frame count may change), a temporal
+  transformer has; COOKIE's cross_model terms add the towers' own projections."""
+  base = VIDEO if change.get("input.data.name") == "synthetic_video" else {}
+  mesh = state_lib.make_mesh(tiny_config())
+  before = state_lib.build(tiny_config(**base), mesh).abstract
+  after = state_lib.build(tiny_config(**change), mesh).abstract
+  assert bool(checkpoint.differing_paths(before, after)) == shapes_change
 
 
-def test_a_config_saved_before_a_shape_field_existed_has_its_legacy_value():
-  """Configs saved before `image.posemb` existed had learned positions: they resume under
-  posemb="learn" and are refused under "sincos2d" (whose state has no pos_embed)."""
-  legacy = json.loads(tiny_config().to_json_best_effort())
-  del legacy["model"]["image"]["posemb"]
-  assert not checkpoint.changed_shape_fields(legacy, json.loads(tiny_config().to_json_best_effort()))
-  sincos = json.loads(tiny_config(**{"model.image.posemb": "sincos2d"}).to_json_best_effort())
-  assert checkpoint.changed_shape_fields(legacy, sincos) == [
-      "config.model.image.posemb: saved 'learn', now 'sincos2d'"]
+# The code before the one-place-for-each-thing redesign (issue 22): workdirs it wrote must resume.
+PINNED_COMMIT = "bce2b37fc3450a322c2df35f0f19a05815ff8265"
 
 
-def test_state_shape_fields_cover_the_model_but_not_its_dtype_or_dropout():
-  fields = checkpoint.state_shape_fields(json.loads(tiny_config().to_json_best_effort()))
-  assert fields["model.image.width"] == 32 and fields["queue.size"] == 32
-  assert fields["temp.learnable"] is False and fields["vq.codebook_size"] == 16
-  assert "model.dtype" not in fields and "model.text.dropout" not in fields
-  assert "total_steps" not in fields
+def test_a_workdir_written_by_the_code_before_the_redesign_resumes_and_loads(tmp_path):
+  """The pinned commit's cots_jax (from git) runs 2 steps with a VQ tokenizer of its own; this
+  code resumes its checkpoint to step 4, reads its tokenizer and loads it for inference."""
+  old_code, workdir = tmp_path / "old_code", tmp_path / "run"
+  archive = subprocess.run(["git", "-C", REPO, "archive", PINNED_COMMIT, "cots_jax", "configs"],
+                           capture_output=True, check=False)
+  if archive.returncode:
+    missing_requirement(f"git history with commit {PINNED_COMMIT[:7]}: "
+                        f"{archive.stderr.decode()[-300:]}")
+  old_code.mkdir()
+  subprocess.run(["tar", "-x", "-C", str(old_code)], input=archive.stdout, check=True)
+  overrides = {"vq.steps": 2, "checkpoint_every": 2, "optim.warmup_steps": 1,
+               "input.data.num_eval_images": 10}
+  result = subprocess.run(
+      [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
+       f"--workdir={workdir}", *tiny_flags(**overrides, total_steps=2)],
+      cwd=old_code, env=dict(subprocess_env(), PYTHONPATH=str(old_code)), capture_output=True,
+      text=True, timeout=TIMEOUT, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  config = tiny_config(**overrides, total_steps=4)
+  train.train_and_evaluate(config, str(workdir))
+  assert complete_steps(workdir) == [2, 4]
+  saved_vq = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")["vq"]
+  loaded_vq = vq_trainer.load_tokenizer(str(workdir), config)
+  for saved, loaded in zip(jax.tree.leaves(saved_vq), jax.tree.leaves(loaded_vq), strict=True):
+    np.testing.assert_array_equal(saved, loaded)
+  run = inference.TrainedRun.load(str(workdir), step=2)
+  assert run.step == 2 and run.embed_texts(["a red circle"]).shape == (1, 16)
 
 
 def test_a_finished_run_started_again_returns_its_final_eval_without_compiling(
@@ -494,7 +512,7 @@ def test_a_finished_run_started_again_returns_its_final_eval_without_compiling(
   def no_compiling(*args, **kwargs):
     raise AssertionError("a finished run built its update step")
 
-  monkeypatch.setattr(train, "jit_update", no_compiling)
+  monkeypatch.setattr(step_lib, "jit_update", no_compiling)
   results = train.train_and_evaluate(inference.load_run_config(workdir), workdir)
   with open(os.path.join(workdir, "final_eval.json"), encoding="utf-8") as f:
     assert results == json.load(f) and "eval/retrieval/i2t_r1" in results

@@ -79,7 +79,7 @@ def test_an_earlier_step_is_evaluated_when_asked_and_a_missing_one_is_named(trai
 
 def test_a_config_of_another_model_shape_is_refused_with_the_parameter_names(trained_run):
   config = tiny_config(**RUN_OVERRIDES, **{"model.embed_dim": 24})
-  with pytest.raises(ValueError, match=r"does not fit this model:\n  mis-shaped: params/"):
+  with pytest.raises(ValueError, match=r"does not fit the configured state:\n  mis-shaped: params/"):
     inference.evaluate_checkpoint(config, trained_run)
   with pytest.raises(FileNotFoundError, match="not the workdir of a cots_jax run"):
     inference.TrainedRun.load(os.path.join(trained_run, "checkpoints"))

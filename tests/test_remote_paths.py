@@ -96,30 +96,21 @@ def test_stand_in_refuses_appends_and_locked_writes_like_gcs(bucket_root):
 
 
 def test_prepare_workdir_on_a_bucket_writes_what_a_local_workdir_gets(tmp_path, bucket_root):
-  config = tiny_config()
   local = tmp_path / "local"
-  checkpoint.prepare_workdir(str(local), config)
-  checkpoint.prepare_workdir("gs://bucket/run", config)
+  for workdir in (str(local), "gs://bucket/run"):
+    assert checkpoint.prepare_workdir(workdir) is None
+    checkpoint.write_config(workdir, tiny_config())
   remote = tree(bucket_root / "bucket" / "run")
-  assert list(remote) == ["config.json"]  # the write probe is gone
+  assert list(remote) == ["config.json"]  # the write probe and the staged file are gone
   assert remote == tree(local)
-  assert json.loads(remote["config.json"])["model"]["text"]["width"] == 32
-  other = tiny_config(**{"model.text.width": 64})
-  with pytest.raises(ValueError) as error:
-    checkpoint.prepare_workdir("gs://bucket/run", other)
-  lines = str(error.value).splitlines()
-  assert lines[0].startswith("gs://bucket/run/config.json was saved with another model shape")
-  assert lines[1].strip() == "config.model.text.width: saved 32, now 64"
-  other.allow_config_change = True
-  checkpoint.prepare_workdir("gs://bucket/run", other)
-  stored = json.loads((bucket_root / "bucket" / "run" / "config.json").read_text())
-  assert stored["model"]["text"]["width"] == 64
+  checkpoint.write_config("gs://bucket/run", tiny_config(**{"model.text.width": 64}))
+  assert checkpoint.prepare_workdir("gs://bucket/run")["model"]["text"]["width"] == 64
 
 
 def test_a_bucket_that_refuses_writes_fails_at_start(bucket_root):
   del bucket_root
   with pytest.raises(OSError, match="workdir 'gs://locked/run' is not writable: Forbidden"):
-    checkpoint.prepare_workdir(f"gs://{READ_ONLY_BUCKET}/run", tiny_config())
+    checkpoint.prepare_workdir(f"gs://{READ_ONLY_BUCKET}/run")
 
 
 def test_free_space_is_checked_on_local_disks_only(caplog):
