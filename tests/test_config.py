@@ -1,5 +1,8 @@
 """Config files, `:arg` parsing and validation (design §4.4, §8.4, §8.5)."""
 
+import importlib
+
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import pytest
@@ -117,3 +120,13 @@ def test_amf_warmup_fraction_or_steps():
   assert config_validation.amf_warmup_steps(config) == round(0.1 * config.total_steps)
   config.amf.warmup_steps = 30
   assert config_validation.amf_warmup_steps(config) == 30
+
+
+@pytest.mark.parametrize("module", ["pretrain", "finetune_retrieval", "cookie_pretrain",
+                                    "video_retrieval", "vq_tokenizer"])
+def test_every_field_of_every_config_can_be_overridden_on_the_command_line(module):
+  """ml_collections refuses `--config.<field>=...` for a list field: the tree holds none."""
+  config = importlib.import_module(f"configs.{module}").get_config()
+  lists = [name for name, value in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+           if isinstance(value, list)]
+  assert not lists
