@@ -162,24 +162,35 @@ def kl_alignment(logits_i2t, logits_t2i, direction="sym", stopgrad_target=False)
   return 0.5 * (_kl(log_p, log_q, stopgrad_target) + _kl(log_q, log_p, stopgrad_target))
 
 
-def masked_prediction_loss(logits, targets, weights, pair_weights):
-  """Mean CE over the masked positions of the batch, each pair weighted (MLM / MVM, design §8.3).
+def token_cross_entropy(logits, targets):
+  """Cross-entropy at each prediction slot (MLM / MVM).
 
   Args:
     logits: [B, P, V] predictions at the P fixed prediction slots of each example.
-    targets: [B, P] int ids; slots with weight 0 may hold any value (padding).
+    targets: [B, P] int ids; padding slots may hold any value (clipped into range).
+
+  Returns:
+    float32 [B, P].
+  """
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
+  return -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
+
+
+def masked_mean(values, weights, pair_weights):
+  """Mean over the masked slots of the batch, each pair weighted (MLM / MVM, design §8.3).
+
+  Args:
+    values: [B, P] per-slot losses (`token_cross_entropy`).
     weights: [B, P] float, 1 for a real masked position, 0 for padding.
     pair_weights: [B] float AMF weight of each pair.
 
   Returns:
-    float32 scalar Σ_i pair_w_i Σ_p w_ip·CE_ip / max(1, Σ_i pair_w_i Σ_p w_ip); 0 if nothing is
+    float32 scalar Σ_i pair_w_i Σ_p w_ip·l_ip / max(1, Σ_i pair_w_i Σ_p w_ip); 0 if nothing is
     masked.
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
-  ce = -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
   position_weights = weights.astype(jnp.float32) * pair_weights.astype(jnp.float32)[:, None]
-  return jnp.sum(position_weights * ce) / jnp.maximum(1.0, jnp.sum(position_weights))
+  return jnp.sum(position_weights * values) / jnp.maximum(1.0, jnp.sum(position_weights))
 
 
 def weighted_mean(per_pair, weights):

@@ -248,6 +248,11 @@ def _masked_inputs(rng, positions=4, vocab=6):
   return logits, targets, weights
 
 
+def _masked_prediction_loss(logits, targets, weights, pair_weights):
+  """The MLM / MVM term as the step forms it: token CE, then the AMF-weighted masked mean."""
+  return losses.masked_mean(losses.token_cross_entropy(logits, targets), weights, pair_weights)
+
+
 def test_masked_prediction_loss_matches_numpy():
   logits, targets, weights = _masked_inputs(np.random.default_rng(8))
   pair_weights = np.array([1.0, 0.0, 1.0])
@@ -258,16 +263,15 @@ def test_masked_prediction_loss_matches_numpy():
       if weights[i, p] and pair_weights[i]:
         total += -log_probs[i, p, targets[i, p]]
         count += 1
-  got = losses.masked_prediction_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
-                                      jnp.asarray(weights), jnp.asarray(pair_weights))
+  got = _masked_prediction_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                jnp.asarray(weights), jnp.asarray(pair_weights))
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
 def test_masked_prediction_loss_with_nothing_masked_is_zero_with_zero_gradient():
   logits, targets, weights = _masked_inputs(np.random.default_rng(9))
-  loss = lambda x: losses.masked_prediction_loss(x, jnp.asarray(targets),
-                                                 jnp.zeros_like(jnp.asarray(weights)),
-                                                 jnp.ones(B))
+  loss = lambda x: _masked_prediction_loss(x, jnp.asarray(targets),
+                                           jnp.zeros_like(jnp.asarray(weights)), jnp.ones(B))
   value, grad = jax.value_and_grad(loss)(jnp.asarray(logits, jnp.float32))
   assert float(value) == 0.0
   assert np.all(np.isfinite(grad))
