@@ -44,20 +44,23 @@ def parse_arg(arg, **spec):
 
 
 def model_config(size="tiny"):
-  """Tower sizes. `tiny`: the 2-core CPU default; `base`: ViT-B/16 224 px + BERT-base (method §1.2)."""
+  """Tower sizes. `tiny`: the 2-core CPU default; `base`: ViT-B/16 224 px + BERT-base
+  (method §1.2)."""
   m = ml_collections.ConfigDict()
   m.embed_dim = 128 if size == "tiny" else 256
   # Compute dtype of activations; parameters always stay float32.
   m.dtype = "float32" if size == "tiny" else "bfloat16"
   # How the other modality's global vector enters the MLM / MVM heads: concat | add | none.
   m.mvlm_fusion = "concat"
-  # Source of that global vector: online ([CLS] of the clean pass) or momentum ([CLS] of the EMA pass).
+  # Source of that global vector: online ([CLS] of the clean pass) or momentum ([CLS] of the EMA
+  # pass).
   m.mvlm_global_src = "online"
   m.mvlm_global_stopgrad = False
   # Global vector of each tower (embeddings and MVLM conditioning): "cls" ([CLS] state, method
   # §1.2, the paper-scale default) or "mean" (mean of the patch / real-token states). Towers
   # trained from scratch start with a near-constant [CLS] state, and the CPU default's ITC did not
-  # leave chance in 200 steps with it; with "mean" it did (docs/development.md#deviations-from-the-paper).
+  # leave chance in 200 steps with it; with "mean" it did
+  # (docs/development.md#deviations-from-the-paper).
   m.pool = "mean" if size == "tiny" else "cls"
   m.remat = False  # rematerialise the tower blocks in the backward pass (memory for FLOPs)
   # COOKIE's weight-sharing transformer between the towers and the projections (method §2.2,
@@ -160,7 +163,8 @@ def base_config(size="tiny"):
   # One weight per objective (method §1.3.5, §4.17); 0 skips the term's computation.
   # `base` keeps the method's lambda_mvlm = lambda_kl = 1. The tiny towers start from scratch,
   # where MLM / MVM at weight 1 win over ITC (the text tower collapses to one embedding and
-  # retrieval stays at chance); at 0.1 all terms learn (docs/development.md#deviations-from-the-paper).
+  # retrieval stays at chance); at 0.1 all terms learn
+  # (docs/development.md#deviations-from-the-paper).
   aux_weight = 0.1 if size == "tiny" else 1.0
   c.loss = ml_collections.ConfigDict()
   c.loss.itc = 1.0
@@ -187,7 +191,8 @@ def base_config(size="tiny"):
   # False: BriVL's N x (1+K) logits, positive at index 0 (method §1.3.1, the paper-scale default).
   # True (ALBEF): the batch's momentum keys are negatives too. The CPU default needs them: with
   # queue-only negatives its ITC did not learn at all in 200 steps (retrieval at chance), because
-  # fresh positives are told apart from stale queued keys by age, not content (docs/development.md#deviations-from-the-paper).
+  # fresh positives are told apart from stale queued keys by age, not content
+  # (docs/development.md#deviations-from-the-paper).
   c.queue.in_batch_negatives = size == "tiny"
   c.queue.multi_positive = False  # fine-tuning: every entry with the same image_id is a positive.
 

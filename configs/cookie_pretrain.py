@@ -10,7 +10,8 @@ contrastive terms (method.md §2, §4 items 10, 18, 29).
         instead of two views of each image and two dropout passes of each caption ("views")
 Arguments combine with commas. The ablations are single fields: `--config.model.wst_shared=False`
 (one WST stack per modality), `--config.model.use_wst=False` (towers only; then intra=views),
-`--config.loss.cookie_vv=0` / `cookie_tt=0` (cross-modal term alone), `--config.loss.cookie_use_queue`
+`--config.loss.cookie_vv=0` / `cookie_tt=0` (cross-modal term alone),
+`--config.loss.cookie_use_queue`
 (the cross-modal term over the momentum queue, `queue.in_batch_negatives` on).
 
 The objective is L = cookie_cm + cookie_vv + cookie_tt (weights 1, method §4.18), InfoNCE at

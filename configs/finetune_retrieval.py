@@ -1,4 +1,5 @@
-"""Retrieval fine-tuning of a pre-trained run (ALBEF-style ITC, every caption of an image a positive).
+"""Retrieval fine-tuning of a pre-trained run (ALBEF-style ITC, every caption of an image a
+positive).
 
   configs/finetune_retrieval.py --config.init_from=RUN
         tiny towers on the synthetic data, from the pre-training workdir RUN

@@ -152,7 +152,8 @@ def _validate_training(config):
   queue.check_queue_size(config.queue.size, config.input.batch_size)
   if not 0 < config.temp.min <= config.temp.init <= config.temp.max:
     _fail("temp.init", config.temp.init,
-          f"must lie in [config.temp.min={config.temp.min}, config.temp.max={config.temp.max}], min > 0")
+          f"must lie in [config.temp.min={config.temp.min}, "
+          f"config.temp.max={config.temp.max}], min > 0")
   if config.optim.lr <= 0 or config.optim.end_lr < 0:
     _fail("optim.lr", config.optim.lr, "must be > 0 (and config.optim.end_lr >= 0)")
   if config.optim.warmup_steps >= config.total_steps:

@@ -56,7 +56,8 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(config):
-  """AdamW on the warm-up + cosine schedule, after global-norm clipping when `optim.grad_clip` > 0."""
+  """AdamW on the warm-up + cosine schedule, after global-norm clipping when `optim.grad_clip`
+  > 0."""
   adamw = optax.adamw(learning_rate_schedule(config), b1=config.optim.b1, b2=config.optim.b2,
                       weight_decay=config.optim.weight_decay, mask=weight_decay_mask)
   if config.optim.grad_clip > 0:

@@ -17,7 +17,8 @@ import jax  # noqa: E402  (the environment above must be set first)
 
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("COTS_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "cots_jax_test_cache")))
+    os.environ.get("COTS_TEST_JAX_CACHE",
+                   os.path.join(tempfile.gettempdir(), "cots_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from cots_jax import train  # noqa: E402

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import pretrain
@@ -58,6 +59,12 @@ def write_video(path, frames):
     container.mux(stream.encode(None))
 
 
+def flat(tree):
+  """{"a/b": numpy array} of a pytree (arrays fetched to the host)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
 def tiny_flags(**overrides):
   """TINY and `overrides` as `--config.<name>=<value>` command-line flags."""
   return [f"--config.{name}={value}" for name, value in {**TINY, **overrides}.items()]
@@ -84,14 +91,34 @@ def free_port():
     return probe.getsockname()[1]
 
 
-def start_main(workdir, log_path, *flags, devices=None):
-  """`python -m cots_jax.main --config=configs/pretrain.py:runlocal --workdir=WORKDIR FLAGS` in a
-  child with `devices` fake devices, its output appended to `log_path`."""
+def run_module(module, *args, cwd=REPO, env=None, timeout=600):
+  """`python -m MODULE ARGS` in a child (the suite's launcher of every entry), with this
+  environment for children (`subprocess_env()` unless `env`); fails the test, showing the end of
+  its stderr, when it exits with an error.
+
+  Returns:
+    The CompletedProcess, stdout and stderr as text.
+  """
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                          env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+  assert result.returncode == 0, f"python -m {module} {' '.join(args)}\n{result.stderr[-4000:]}"
+  return result
+
+
+def start_module(module, log_path, *args, devices=None):
+  """`python -m MODULE ARGS` started in a child with `devices` fake devices (None: this
+  process's one), its output appended to `log_path`; returns the Popen."""
   with open(log_path, "a", encoding="utf-8") as log:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-         f"--workdir={workdir}", *flags],
-        cwd=REPO, env=subprocess_env(devices), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                            env=subprocess_env(devices), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_main(workdir, log_path, *flags, devices=None):
+  """`python -m cots_jax.main --config=configs/pretrain.py:runlocal --workdir=WORKDIR FLAGS`
+  started as `start_module` does."""
+  return start_module("cots_jax.main", log_path, "--config=configs/pretrain.py:runlocal",
+                      f"--workdir={workdir}", *flags, devices=devices)
 
 
 def missing_requirement(message):

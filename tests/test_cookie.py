@@ -2,8 +2,6 @@
 against numpy, the config's checks, and a runlocal COOKIE run end to end."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ from configs import cookie_pretrain
 from cots_jax import config_validation
 from cots_jax.models import cots as cots_model
 from cots_jax.models import wst
-from support import REPO, build, subprocess_env, tiny_config, tiny_flags
+from support import build, run_module, tiny_config, tiny_flags
 
 
 def cookie_config(arg="runlocal", **overrides):
@@ -238,7 +236,8 @@ def test_the_wst_works_with_the_cots_objectives():
   m = config.momentum.decay
   np.testing.assert_allclose(
       new_state["params_ema"]["wst"]["norm"]["scale"],
-      m * state["params_ema"]["wst"]["norm"]["scale"] + (1 - m) * state["params"]["wst"]["norm"]["scale"],
+      m * state["params_ema"]["wst"]["norm"]["scale"]
+      + (1 - m) * state["params"]["wst"]["norm"]["scale"],
       rtol=1e-6)
   model = cots_model.CotsModel.from_config(config)
   keys = model.apply({"params": new_state["params_ema"]}, batches[0]["image"],
@@ -289,11 +288,8 @@ def test_cookie_config_variants():
 def test_runlocal_cookie_run_trains_and_reports_every_evaluator(tmp_path):
   flags = tiny_flags(**{"total_steps": 30, "log_every": 10, "checkpoint_every": 0,
                         "model.wst_layers": 1, "input.data.num_train_images": 200})
-  result = subprocess.run(
-      [sys.executable, "-m", "cots_jax.main", "--config=configs/cookie_pretrain.py:runlocal",
-       f"--workdir={tmp_path}", *flags],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-4000:]
+  result = run_module("cots_jax.main", "--config=configs/cookie_pretrain.py:runlocal",
+                      f"--workdir={tmp_path}", *flags)
   assert "no VQ tokenizer is trained" in result.stderr + result.stdout
   final = json.loads((tmp_path / "final_eval.json").read_text())
   for key in ("eval/retrieval/t2i_r1", "eval/retrieval_momentum/i2t_r10",

@@ -29,7 +29,7 @@ import pytest
 from cots_jax import config_reference
 from cots_jax import config_validation
 import support
-from support import REPO, subprocess_env
+from support import REPO, run_module
 
 DOC_FILES = ["README.md"] + sorted(
     os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -402,10 +402,9 @@ def readme_command(module, *contains):
 
 
 def run_shrunk(command, tmp):
-  result = subprocess.run(shrunk(command.argv, tmp), cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, f"{command}\n{result.stderr[-4000:]}"
-  return result
+  argv = shrunk(command.argv, tmp)
+  assert argv[:2] == [sys.executable, "-m"], argv
+  return run_module(argv[2], *argv[3:])
 
 
 @pytest.fixture(scope="module")

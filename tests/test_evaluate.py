@@ -5,8 +5,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,7 +21,7 @@ from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import REPO, TINY, subprocess_env, tiny_config, tiny_flags
+from support import TINY, run_module, tiny_config, tiny_flags
 
 # The overrides of conftest's `trained_run` on top of support.TINY.
 RUN_OVERRIDES = {"loss.mvm": 0.0, "loss.mlm": 0.0, "total_steps": 12, "checkpoint_every": 6,
@@ -39,7 +37,8 @@ def embed_both(model, params, image, text_ids, text_mask):
 def unbatched_metrics(config, workdir, step, params_key):
   """The §4.1 metrics of one checkpoint with every image and caption embedded in one batch,
   from the state file read by Orbax directly."""
-  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "state"))
   params = state[params_key]
   model = cots_model.CotsModel.from_config(config)
   split = eval_split.make_eval_split(config, batch_size=10_000)
@@ -79,7 +78,8 @@ def test_an_earlier_step_is_evaluated_when_asked_and_a_missing_one_is_named(trai
 
 def test_a_config_of_another_model_shape_is_refused_with_the_parameter_names(trained_run):
   config = tiny_config(**RUN_OVERRIDES, **{"model.embed_dim": 24})
-  with pytest.raises(ValueError, match=r"does not fit the configured state:\n  mis-shaped: params/"):
+  with pytest.raises(ValueError,
+                     match=r"does not fit the configured state:\n  mis-shaped: params/"):
     inference.evaluate_checkpoint(config, trained_run)
   with pytest.raises(FileNotFoundError, match="not the workdir of a cots_jax run"):
     inference.TrainedRun.load(os.path.join(trained_run, "checkpoints"))
@@ -89,7 +89,8 @@ def test_trained_run_embeds_like_the_model_with_either_encoder(trained_run):
   run = inference.TrainedRun.load(trained_run)
   assert run.step == 12 and run.config.total_steps == 12
   model = cots_model.CotsModel.from_config(run.config)
-  state = ocp.StandardCheckpointer().restore(os.path.join(trained_run, "checkpoints", "12", "state"))
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(trained_run, "checkpoints", "12", "state"))
   captions = ["a red square", "two blue circles on the left", "x"]
   ids, mask = pipeline.tokenizer_lib.tokenize(
       pipeline.tokenizer_lib.load_tokenizer(), captions, run.config.input.max_len)
@@ -142,11 +143,8 @@ def test_evaluate_command_writes_the_final_eval_of_the_run(trained_run, tmp_path
   run itself logged at its last step (same checkpoint, same split)."""
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_run, workdir)
-  result = subprocess.run(
-      [sys.executable, "-m", "cots_jax.evaluate", "--config=configs/pretrain.py:runlocal",
-       f"--workdir={workdir}", *tiny_flags(**RUN_OVERRIDES)],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_module("cots_jax.evaluate", "--config=configs/pretrain.py:runlocal",
+                      f"--workdir={workdir}", *tiny_flags(**RUN_OVERRIDES))
   assert "checkpoint 12 of" in result.stdout and "retrieval_momentum" in result.stdout
   written = json.loads(open(os.path.join(workdir, "eval_results.json")).read())
   final = json.loads(open(os.path.join(workdir, "final_eval.json")).read())

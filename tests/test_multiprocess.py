@@ -81,7 +81,8 @@ def test_two_processes_log_the_losses_of_one_and_resume_after_sigterm(tmp_path):
 
   expected, got = losses(tmp_path / "one"), losses(two)
   assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
+                             [expected[s] for s in range(1, STEPS + 1)],
                              rtol=1e-5)
   # Only process 0 writes metrics: each step once over both starts, one TensorBoard file each.
   records = [json.loads(line) for line in open(two / "metrics.jsonl", encoding="utf-8")]

@@ -281,7 +281,8 @@ def random_hf_vit(rng, config):
   n = (config["image_size"] // p) ** 2
   normal = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)  # noqa: E731
   ones = lambda k: (1 + rng.normal(0, 0.1, k)).astype(np.float32)  # noqa: E731
-  w = {"embeddings.cls_token": normal(1, 1, d), "embeddings.position_embeddings": normal(1, 1 + n, d),
+  w = {"embeddings.cls_token": normal(1, 1, d),
+       "embeddings.position_embeddings": normal(1, 1 + n, d),
        "embeddings.patch_embeddings.projection.weight": normal(d, 3, p, p),
        "embeddings.patch_embeddings.projection.bias": normal(d),
        "layernorm.weight": ones(d), "layernorm.bias": normal(d),

@@ -4,8 +4,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -13,7 +11,7 @@ import pytest
 
 from cots_jax import report
 from cots_jax.data import transforms
-from support import REPO, subprocess_env
+from support import run_module
 
 NUM_CAPTIONS = 3
 
@@ -193,10 +191,7 @@ def test_report_without_eval_records_leaves_the_recall_panel_out(trained_run, tm
 
 def test_cli_writes_the_report(trained_run, tmp_path):
   workdir = _copy_run(trained_run, tmp_path)
-  result = subprocess.run(
-      [sys.executable, "-m", "cots_jax.report", f"--workdir={workdir}", "--num_captions=2"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_module("cots_jax.report", f"--workdir={workdir}", "--num_captions=2")
   assert (workdir / "report.html").exists() and "report written to" in result.stdout
   assert sorted(p.name for p in (workdir / "report").glob("example_*.png")) == [
       "example_0.png", "example_1.png"]

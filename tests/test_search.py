@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 from cots_jax import inference
 from cots_jax import search
-from support import REPO, subprocess_env
+from support import run_module
 
 CAPTIONS = ["a small red circle on the left", "two blue squares", "a green triangle at the top",
             "three yellow circles", "a large purple square on the right"]
@@ -267,10 +266,8 @@ def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_
   embeddings, items, meta = search.load_index(index)
   assert items == readable and meta["encoder"] == "momentum" and meta["step"] == 12
   assert not np.allclose(embeddings, image_index[0][0], atol=1e-4)  # the online encoder's
-  queried = subprocess.run(
-      [sys.executable, "-m", "cots_jax.search", "query", f"--index={index}", f"--text={QUERY}", "-k", "3", "--json"],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
-  assert queried.returncode == 0, queried.stderr
+  queried = run_module("cots_jax.search", "query", f"--index={index}", f"--text={QUERY}", "-k",
+                       "3", "--json")
   hits = json.loads(queried.stdout)
   query = run.embed_texts([QUERY], "momentum")[0]
   expected = embeddings @ query

@@ -82,7 +82,8 @@ def _package_files():
 
 
 def test_only_main_imports_the_trainer_and_only_the_state_module_initialises_a_state():
-  importers = [os.path.relpath(p, REPO) for p in _package_files() if "cots_jax.train" in _imports(p)]
+  importers = [os.path.relpath(p, REPO) for p in _package_files()
+               if "cots_jax.train" in _imports(p)]
   assert importers == ["cots_jax/main.py"]
   builders = [os.path.relpath(p, REPO) for p in _package_files()
               if "init_state" in open(p, encoding="utf-8").read()]

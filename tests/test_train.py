@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -14,7 +12,7 @@ import pytest
 from configs import common
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import build, subprocess_env, tiny_flags
+from support import build, run_module, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL_STEPS = 200
@@ -188,11 +186,8 @@ def runlocal_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("runlocal")
   flags = tiny_flags(**{"total_steps": RUNLOCAL_STEPS, "log_every": 50, "checkpoint_every": 0,
                         "vq.steps": 50, "input.data.num_train_images": 400})
-  result = subprocess.run(
-      [sys.executable, "-m", "cots_jax.main", "--config=configs/pretrain.py:runlocal",
-       f"--workdir={workdir}", *flags],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-4000:]
+  result = run_module("cots_jax.main", "--config=configs/pretrain.py:runlocal",
+                      f"--workdir={workdir}", *flags)
   return workdir, result
 
 

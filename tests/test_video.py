@@ -233,6 +233,7 @@ def test_fixed_patch_positions_refuse_a_run_of_learned_ones_and_name_the_paramet
   config = video_config("runlocal,agg=transformer")
   assert config.model.image.posemb == "sincos2d"
   state, _, _ = build(config)
-  with pytest.raises(ValueError, match="does not fit the configured state:\n  unexpected: params/image/"
+  with pytest.raises(ValueError,
+                     match="does not fit the configured state:\n  unexpected: params/image/"
                                        "pos_embed"):
     checkpoint.load_towers(trained_run, state)

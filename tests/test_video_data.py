@@ -74,7 +74,8 @@ def test_random_indices_are_uniform_over_whole_frame_segments():
 
 def test_random_indices_are_deterministic_given_the_rng_state():
   first = transforms.sample_frame_indices(50, 8, np.random.default_rng(7))
-  np.testing.assert_array_equal(first, transforms.sample_frame_indices(50, 8, np.random.default_rng(7)))
+  np.testing.assert_array_equal(
+      first, transforms.sample_frame_indices(50, 8, np.random.default_rng(7)))
   rng = np.random.default_rng(7)
   draws = {tuple(transforms.sample_frame_indices(50, 8, rng)) for _ in range(20)}
   assert len(draws) > 1

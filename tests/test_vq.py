@@ -162,7 +162,8 @@ def test_revive_dead_codes_reseeds_exactly_the_dead_codes(mode):
   if mode == "ema":
     state["embed_sum"] = jnp.asarray(codebook * usage[:, None])
 
-  new_state, dead = vq_trainer.revive_dead_codes(state, jnp.asarray(z), threshold, jax.random.key(0))
+  new_state, dead = vq_trainer.revive_dead_codes(state, jnp.asarray(z), threshold,
+                                                 jax.random.key(0))
   want_dead = usage < threshold
   np.testing.assert_array_equal(dead, want_dead)
   new_codebook = np.asarray(new_state["params"]["codebook"])

@@ -5,8 +5,9 @@
 
 Builds the state of CONFIG on this process's devices (an untrained VQ tokenizer of the
 configured shape), fills its float leaves with random values (a fresh state's zero Adam moments
-and queues would compress to almost nothing and flatter the size on disk), then saves it `--saves` times through the trainer's own
-`checkpoint.save_checkpoint` into a temporary directory. Prints and writes as JSON: the state's
+and queues would compress to almost nothing and flatter the size on disk), then saves it
+`--saves` times through the trainer's own `checkpoint.save_checkpoint` into a temporary
+directory. Prints and writes as JSON: the state's
 bytes, the bytes of one checkpoint on disk, how long each save blocks the caller (the device to
 host copy; the step loop waits this long) and how long until it is written (the async part).
 """

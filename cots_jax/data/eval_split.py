@@ -103,5 +103,6 @@ def make_eval_split(config, batch_size=None):
   return EvalSplit(registry.make_source(config, "eval"),
                    tokenizer_lib.load_tokenizer(config.input.tokenizer), config.input.max_len,
                    batch_size or config.eval.batch_size, config.model.image.image_size,
-                   config.input.on_bad_example, view_transform=transforms.ImageTransform.for_views(config),
+                   config.input.on_bad_example,
+                   view_transform=transforms.ImageTransform.for_views(config),
                    num_frames=config.model.num_frames if registry.is_video(config) else 0)

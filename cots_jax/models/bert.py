@@ -1,7 +1,8 @@
 """BERT text tower (method §4 item 2) whose parameter tree maps 1:1 to Hugging Face `BertModel`.
 
-Post-LN encoder with exact (erf) GELU, as `bert-base-uncased` (or the tanh form, `gelu="tanh"`). Module names follow the HF state
-dict, so `hf_param_name` turns a flax path into the safetensors key:
+Post-LN encoder with exact (erf) GELU, as `bert-base-uncased` (or the tanh form, `gelu="tanh"`).
+Module names follow the HF state dict, so `hf_param_name` turns a flax path into the safetensors
+key:
 
   embeddings/{word_embeddings, position_embeddings, token_type_embeddings}/embedding, LayerNorm
   encoder/layer_{i}/attention/self/{query, key, value}, attention/output/{dense, LayerNorm},

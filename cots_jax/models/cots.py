@@ -264,7 +264,8 @@ class CotsModel(nn.Module):
             self.text_global(hidden, mask))
 
   def embed_image(self, cls):
-    """Image head input `[B, D]` (`image_head_input`) -> L2-normalised float32 embedding `[B, E]`."""
+    """Image head input `[B, D]` (`image_head_input`) -> L2-normalised float32 embedding
+    `[B, E]`."""
     return l2_normalize(self.image_proj(cls))
 
   def embed_text(self, cls):
