@@ -9,6 +9,7 @@ The math runs in float32 whatever the input dtype. Invalid logits are the finite
 
 import jax
 import jax.numpy as jnp
+import optax
 
 NEG_INF = -1e9
 
@@ -76,8 +77,8 @@ def itc_targets(image_ids, queue_image_ids, queue_valid, in_batch_negatives, mul
 
 def soft_cross_entropy(logits, targets):
   """Cross-entropy of softmax(logits [B, C]) against target distributions [B, C]; returns [B]."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+  return optax.losses.softmax_cross_entropy(logits.astype(jnp.float32),
+                                            targets.astype(jnp.float32))
 
 
 def _distilled_targets(targets, momentum_logits, alpha):
@@ -134,7 +135,8 @@ def _kl(log_target, log_pred, stopgrad_target):
   """KL(target || pred) per row from log-probabilities [B, C]; returns [B]."""
   if stopgrad_target:
     log_target = jax.lax.stop_gradient(log_target)
-  return jnp.sum(jnp.exp(log_target) * (log_target - log_pred), axis=-1)
+  # optax takes the prediction first: Σ exp(log_targets)·(log_targets - log_predictions).
+  return optax.losses.kl_divergence_with_log_targets(log_pred, log_target)
 
 
 def kl_alignment(logits_i2t, logits_t2i, direction="sym", stopgrad_target=False):
@@ -172,9 +174,10 @@ def token_cross_entropy(logits, targets):
   Returns:
     float32 [B, P].
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)
-  return -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
+  # logsumexp minus the target's logit: no [B, P, V] tensor of log-probabilities.
+  return optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                safe_targets)
 
 
 def masked_mean(values, weights, pair_weights):

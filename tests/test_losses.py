@@ -253,19 +253,24 @@ def _masked_prediction_loss(logits, targets, weights, pair_weights):
   return losses.masked_mean(losses.token_cross_entropy(logits, targets), weights, pair_weights)
 
 
-def test_masked_prediction_loss_matches_numpy():
+def test_masked_prediction_loss_and_its_gradient_match_numpy():
   logits, targets, weights = _masked_inputs(np.random.default_rng(8))
   pair_weights = np.array([1.0, 0.0, 1.0])
   log_probs = _np_log_softmax(logits)
   total, count = 0.0, 0.0
+  want_grad = np.zeros_like(logits)
   for i in range(B):
     for p in range(targets.shape[1]):
       if weights[i, p] and pair_weights[i]:
         total += -log_probs[i, p, targets[i, p]]
         count += 1
-  got = _masked_prediction_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
-                                jnp.asarray(weights), jnp.asarray(pair_weights))
+        want_grad[i, p] = np.exp(log_probs[i, p])
+        want_grad[i, p, targets[i, p]] -= 1.0
+  loss = lambda x: _masked_prediction_loss(x, jnp.asarray(targets), jnp.asarray(weights),
+                                           jnp.asarray(pair_weights))
+  got, grad = jax.value_and_grad(loss)(jnp.asarray(logits, jnp.float32))
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad / count, rtol=1e-5, atol=1e-7)
 
 
 def test_masked_prediction_loss_with_nothing_masked_is_zero_with_zero_gradient():
