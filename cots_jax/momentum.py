@@ -2,15 +2,16 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
 def ema_update(params_ema, params, decay):
   """decay·params_ema + (1 - decay)·params per leaf (decay may be traced; EMA dtypes kept)."""
-  return jax.tree.map(
-      lambda ema, online: (decay * ema + (1.0 - decay) * online).astype(ema.dtype),
-      params_ema, params)
+  # optax's step_size is the weight of the new value, 1 - decay.
+  averaged = optax.incremental_update(params, params_ema, 1.0 - decay)
+  return jax.tree.map(lambda new, ema: new.astype(ema.dtype), averaged, params_ema)
 
 
 def momentum_decay(step, base, schedule="constant", final=1.0, total_steps=1):

@@ -27,6 +27,15 @@ def test_ema_update_matches_numpy_on_a_nested_tree_with_traced_decay():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_ema_update_keeps_the_ema_at_decay_one_takes_online_at_zero_and_keeps_bfloat16():
+  ema = {"w": jnp.asarray([1.0, -2.0], jnp.bfloat16)}
+  online = {"w": jnp.asarray([3.0, 5.0], jnp.float32)}
+  for decay, want in ((1.0, [1.0, -2.0]), (0.0, [3.0, 5.0]), (0.75, [1.5, -0.25])):
+    got = momentum.ema_update(ema, online, jnp.float32(decay))["w"]
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
 def test_constant_decay_ignores_the_step():
   for step in (0, 10, 10_000):
     value = momentum.momentum_decay(step, 0.99)
