@@ -8,28 +8,39 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(mesh_axes, devices=None):
   """Builds a Mesh from `[(axis_name, size), ...]`; one size may be -1 (all remaining devices).
 
+  `jax.make_mesh` lays the devices out: on TPU along the chips' physical axes, so that each mesh
+  axis's collectives run over neighbouring chips; elsewhere in the given order (GPU: by id).
+
   Raises ValueError naming `config.mesh` when the sizes do not multiply to the device count.
   """
-  devices = np.asarray(devices if devices is not None else jax.devices())
+  devices = list(np.ravel(devices if devices is not None else jax.devices()))
   names = tuple(name for name, _ in mesh_axes)
   sizes = [int(size) for _, size in mesh_axes]
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh={mesh_axes!r} may leave at most one axis size at -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if devices.size % known:
-      raise ValueError(f"config.mesh={mesh_axes!r} does not divide {devices.size} devices")
-    sizes[sizes.index(-1)] = devices.size // known
-  if int(np.prod(sizes)) != devices.size:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh={mesh_axes!r} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh={mesh_axes!r} needs {int(np.prod(sizes))} devices, "
-                     f"found {devices.size}")
-  return Mesh(devices.reshape(sizes), names)
+                     f"found {len(devices)}")
+  # Auto axes, as `Mesh` has them: jax.make_mesh defaults to Explicit sharding mode.
+  axis_types = (AxisType.Auto,) * len(names)
+  try:
+    return jax.make_mesh(sizes, names, axis_types, devices=devices)
+  except (AssertionError, NotImplementedError):
+    # The physical layout has no answer for libtpu's AOT topology descriptions of v4, which list
+    # each chip's two TensorCores (stack-notes §6), nor for sizes that do not factor over the
+    # physical axes (16x4 on v6e:8x8): the devices go in the given order there.
+    return Mesh(np.asarray(devices).reshape(sizes), names, axis_types)
 
 
 def replicated(mesh):
@@ -75,7 +86,7 @@ def tree_shardings(abstract_tree, mesh, rules=(), fsdp_min_size=2**14):
   compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
 
   def leaf_sharding(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     for pattern, spec in compiled:
       if not pattern.search(name):
         continue

@@ -1,6 +1,7 @@
 """Shared by the tests: the tiny run config, a built update step, and the environment of the
 children that start `cots_jax.main` or use several (fake) devices."""
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -57,6 +58,22 @@ def write_video(path, frames):
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(stream.encode(None))
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+  """What `jax.make_mesh` reads of a device, for meshes larger than this process's one CPU."""
+  id: int
+  platform: str = "cpu"
+  device_kind: str = "cpu"
+  coords: tuple = (0, 0, 0)
+  core_on_chip: int = 0
+  process_index: int = 0
+
+
+def fake_cpus(count):
+  """`count` FakeDevices, ids 0..count-1."""
+  return [FakeDevice(i) for i in range(count)]
 
 
 def flat(tree):

@@ -12,7 +12,7 @@ import pytest
 from cots_jax import checkpoint
 from cots_jax import state as state_lib
 from cots_jax import vq_trainer
-from support import REPO, tiny_config
+from support import REPO, fake_cpus, tiny_config
 
 
 def test_build_validates_the_config_and_checks_the_batch_against_the_mesh():
@@ -115,6 +115,6 @@ def test_learning_rate_schedule_warms_up_then_decays_to_end_lr():
 def test_make_mesh_checks_that_the_global_batch_splits_over_the_devices():
   config = tiny_config()
   assert state_lib.make_mesh(config).shape == {"data": jax.device_count()}
-  assert state_lib.make_mesh(config, devices=np.arange(4)).shape == {"data": 4}
+  assert state_lib.make_mesh(config, devices=fake_cpus(4)).shape == {"data": 4}
   with pytest.raises(ValueError, match=r"config.input.batch_size=8 must be a multiple of the 3 "):
-    state_lib.make_mesh(config, devices=np.arange(3))
+    state_lib.make_mesh(config, devices=fake_cpus(3))
