@@ -158,6 +158,19 @@ def test_metrics_on_a_bucket_match_a_local_workdir_also_after_a_restart(tmp_path
   assert all(os.path.getsize(remote / "tensorboard" / name) > 100 for name in events)
 
 
+def test_metrics_on_a_bucket_are_uploaded_first_then_by_the_flush_interval_and_at_close(
+    bucket_root):
+  writer = MetricWriter("gs://bucket/run")
+  for step in range(1, 5):  # far faster than FLUSH_SECS
+    writer.write(step, {"train/loss": 1.0 / step})
+  assert [m["step"] for m in read_metrics("gs://bucket/run")] == [1]
+  events = bucket_root / "bucket" / "run" / "tensorboard"
+  sizes_before_close = {name: os.path.getsize(events / name) for name in os.listdir(events)}
+  writer.close()
+  assert [m["step"] for m in read_metrics("gs://bucket/run")] == [1, 2, 3, 4]
+  assert all(os.path.getsize(events / name) > size for name, size in sizes_before_close.items())
+
+
 def test_a_tokenizer_on_a_bucket_is_found_and_checked(bucket_root):
   config = common.base_config("tiny")
   record = {"patch_size": config.model.image.patch_size, "codebook_size": 7,
