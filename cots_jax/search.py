@@ -14,12 +14,13 @@ index's run, checkpoint step and encoder and ranked by dot product: exact top-k 
 by default, or FAISS (`faiss.IndexFlatIP`, also exact) with --backend=faiss.
 """
 
-import argparse
 import json
 import os
 import pathlib
 import sys
 
+from absl import app
+from absl import flags
 import numpy as np
 import safetensors
 from safetensors import numpy as safetensors_numpy
@@ -29,6 +30,40 @@ from cots_jax import paths
 from cots_jax.data import transforms
 from cots_jax.evaluators import retrieval
 
+# This tool's own flags, apart from absl's global FLAGS: the functions of this module are imported
+# beside cots_jax.report, which defines --workdir, --step and --encoder there too.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "index: workdir of a finished run; query: run to embed the query with "
+    "(default: the index's)", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "index: checkpoint step (default: the latest)",
+                             flag_values=FLAGS)
+_ENCODER = flags.DEFINE_enum("encoder", "online", sorted(inference.ENCODERS), "index: encoder",
+                             flag_values=FLAGS)
+_IMAGES = flags.DEFINE_string("images", None, "index: folder of images (recursive): an image "
+                              "index", flag_values=FLAGS)
+_CAPTIONS = flags.DEFINE_string("captions", None, "index: text file, one caption per line: a "
+                                "text index", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "index: index file, .safetensors or .npz",
+                           flag_values=FLAGS)
+_INDEX = flags.DEFINE_string("index", None, "query: index file written by `index`",
+                             flag_values=FLAGS)
+_TEXT = flags.DEFINE_string("text", None, "query: caption to search an image index with",
+                            flag_values=FLAGS)
+_IMAGE = flags.DEFINE_string("image", None, "query: image file to search a text index with",
+                             flag_values=FLAGS)
+_K = flags.DEFINE_integer("k", 5, "query: number of hits", flag_values=FLAGS)
+_JSON = flags.DEFINE_bool("json", False, "query: print a JSON list of hits", flag_values=FLAGS)
+_BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "faiss"], "query: top-k backend",
+                             flag_values=FLAGS)
+
+# Each command's flags, and the groups of them of which it needs exactly one (query's --text /
+# --image are checked against the index's kind by `check_query_kind`).
+COMMANDS = {
+    "index": (("workdir", "step", "encoder", "images", "captions", "out"),
+              (("workdir",), ("out",), ("images", "captions"))),
+    "query": (("index", "text", "image", "k", "json", "backend", "workdir"), (("index",),)),
+}
 FORMATS = (".safetensors", ".npz")
 # The JSON key of an item in query results, per index kind.
 ITEM_KEYS = {"image": "path", "text": "caption"}
@@ -244,71 +279,68 @@ def format_hits(hits, kind, as_json=False):
   return "\n".join(f"{score:.4f}\t{item}" for item, score in hits)
 
 
-def _index(args):
+def _index():
   """The `index` command: embeds --images or --captions with the run and writes --out."""
-  index_format(args.out)  # a bad suffix fails before the run loads
-  workdir = os.path.expanduser(args.workdir)
-  run = inference.TrainedRun.load(workdir, step=args.step)
-  if args.images is not None:
-    embeddings, items, skipped = build_image_index(run, args.images, args.encoder)
+  index_format(_OUT.value)  # a bad suffix fails before the run loads
+  workdir = os.path.expanduser(_WORKDIR.value)
+  run = inference.TrainedRun.load(workdir, step=_STEP.value)
+  if _IMAGES.value is not None:
+    embeddings, items, skipped = build_image_index(run, _IMAGES.value, _ENCODER.value)
     kind, summary = "image", f"indexed {len(items)} images, skipped {len(skipped)}"
   else:
-    embeddings, items = build_text_index(run, args.captions, args.encoder)
+    embeddings, items = build_text_index(run, _CAPTIONS.value, _ENCODER.value)
     kind, summary = "text", f"indexed {len(items)} captions"
   meta = {"kind": kind, "workdir": os.fspath(paths.absolute(workdir)), "step": int(run.step),
-          "encoder": args.encoder, "embed_dim": int(embeddings.shape[1])}
-  save_index(args.out, embeddings, items, meta)
-  print(f"{summary}: {args.out}")
+          "encoder": _ENCODER.value, "embed_dim": int(embeddings.shape[1])}
+  save_index(_OUT.value, embeddings, items, meta)
+  print(f"{summary}: {_OUT.value}")
 
 
-def _query(args):
+def _query():
   """The `query` command: prints the top k of the index for --text or --image."""
-  embeddings, items, meta = load_index(args.index)
-  check_query_kind(meta, args.text, args.image)
-  run = inference.TrainedRun.load(os.path.expanduser(args.workdir or meta["workdir"]),
+  embeddings, items, meta = load_index(_INDEX.value)
+  check_query_kind(meta, _TEXT.value, _IMAGE.value)
+  run = inference.TrainedRun.load(os.path.expanduser(_WORKDIR.value or meta["workdir"]),
                                   step=meta["step"])
-  query = embed_query(run, meta["encoder"], text=args.text, image=args.image)
-  hits = search(embeddings, items, query, args.k, args.backend)
-  print(format_hits(hits, meta["kind"], as_json=args.json))
+  query = embed_query(run, meta["encoder"], text=_TEXT.value, image=_IMAGE.value)
+  hits = search(embeddings, items, query, _K.value, _BACKEND.value)
+  print(format_hits(hits, meta["kind"], as_json=_JSON.value))
 
 
-def _parser():
-  """The argparse parser of the two commands."""
-  parser = argparse.ArgumentParser(prog="python -m cots_jax.search", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest="command", required=True)
-  index = commands.add_parser("index", help="embed a folder of images or a caption file")
-  index.add_argument("--workdir", required=True, help="workdir of a finished run")
-  index.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-  index.add_argument("--encoder", choices=sorted(inference.ENCODERS), default="online")
-  source = index.add_mutually_exclusive_group(required=True)
-  source.add_argument("--images", help="folder of images (recursive): an image index")
-  source.add_argument("--captions", help="text file, one caption per line: a text index")
-  index.add_argument("--out", required=True, help="index file, .safetensors or .npz")
-  query = commands.add_parser("query", help="search an index with a caption or an image")
-  query.add_argument("--index", required=True, help="index file written by `index`")
-  given = query.add_mutually_exclusive_group(required=True)
-  given.add_argument("--text", help="caption to search an image index with")
-  given.add_argument("--image", help="image file to search a text index with")
-  query.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
-  query.add_argument("--json", action="store_true", help="print a JSON list of hits")
-  query.add_argument("--backend", choices=("exact", "faiss"), default="exact")
-  query.add_argument("--workdir", help="run to embed the query with (default: the index's)")
-  return parser
+def _check_flags(command):
+  """ValueError unless every flag given belongs to `command` and it has those it needs."""
+  names, exactly_one = COMMANDS[command]
+  foreign = [f"--{name}" for name in FLAGS if FLAGS[name].present and name not in names]
+  if foreign:
+    raise ValueError(f"{command} takes no {', '.join(foreign)}")
+  for group in exactly_one:
+    if sum(FLAGS[name].value is not None for name in group) != 1:
+      named = " and ".join(f"--{name}" for name in group)
+      raise ValueError(f"{command} needs {named}" if len(group) == 1
+                       else f"give exactly one of {named}")
 
 
-def main(argv=None):
-  """Runs one command of the command line `argv` (None: sys.argv[1:]); exits with a one-line
+def main(argv):
+  """Runs the command argv[1] (index or query) with the parsed FLAGS; exits with a one-line
   error on a bad input."""
-  args = _parser().parse_args(argv)
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"give one command, index or query, and flags; got {argv[1:]}")
+  command = argv[1]
   try:
-    if args.command == "index":
-      _index(args)
+    _check_flags(command)
+    if command == "index":
+      _index()
     else:
-      _query(args)
+      _query()
   except (ValueError, OSError, ImportError) as error:
-    sys.exit(f"cots_jax.search {args.command}: error: {error}")
+    sys.exit(f"cots_jax.search {command}: error: {error}")
 
 
 if __name__ == "__main__":
-  main()
+  # This process imports no other entry, so absl's global FLAGS can take this tool's flags:
+  # app.run parses them (with absl's own) and --help lists them.
+  flags.FLAGS.append_flag_values(FLAGS)
+  for flag_name in FLAGS:
+    flags.declare_key_flag(flag_name)
+  FLAGS.mark_as_parsed()
+  app.run(main)

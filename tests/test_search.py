@@ -6,6 +6,7 @@ import json
 import pathlib
 import sys
 
+from absl import app
 import numpy as np
 import pytest
 import safetensors
@@ -76,6 +77,12 @@ def captions_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("captions") / "captions.txt"
   path.write_text("\n".join(["", CAPTIONS[0], "   ", *[f"  {c} " for c in CAPTIONS[1:]], ""]))
   return path
+
+
+def _command_line(*args):
+  """Runs `python -m cots_jax.search ARGS` in this process: its flags parsed, then its main."""
+  search.FLAGS.unparse_flags()
+  search.main(search.FLAGS(["cots_jax.search", *args]))
 
 
 def _reference_embeddings(run, paths):
@@ -223,22 +230,31 @@ def test_format_hits():
       {"caption": "/x/a.png", "score": 0.5}, {"caption": "/x/b.png", "score": -0.25}]
 
 
-def test_main_reports_bad_inputs_in_one_line(trained_run, tmp_path, capsys):
+def test_main_reports_bad_inputs_in_one_line(trained_run, tmp_path):
   with pytest.raises(SystemExit, match=r"cots_jax.search index: error: index .*x\.pkl: unknown"):
-    search.main(["index", f"--workdir={trained_run}", "--captions=c.txt", "--out=x.pkl"])
+    _command_line("index", f"--workdir={trained_run}", "--captions=c.txt", "--out=x.pkl")
   search.save_index(tmp_path / "text.npz", np.eye(2), ["a", "b"], {"kind": "text"})
+  index = f"--index={tmp_path / 'text.npz'}"
   with pytest.raises(SystemExit, match="cots_jax.search query: error: --text needs an index"):
-    search.main(["query", f"--index={tmp_path / 'text.npz'}", "--text=a dog"])
-  with pytest.raises(SystemExit):
-    search.main(["query", f"--index={tmp_path / 'text.npz'}", "--text=a", "--image=b.png"])
-  assert "not allowed with argument" in capsys.readouterr().err
+    _command_line("query", index, "--text=a dog")
+  with pytest.raises(SystemExit, match="query: error: give exactly one of --text and --image"):
+    _command_line("query", index, "--text=a", "--image=b.png")
+  with pytest.raises(SystemExit, match="index: error: give exactly one of --images and --captions"):
+    _command_line("index", f"--workdir={trained_run}", "--images=f", "--captions=c.txt",
+                  "--out=x.npz")
+  with pytest.raises(SystemExit, match="cots_jax.search index: error: index needs --out"):
+    _command_line("index", f"--workdir={trained_run}", "--captions=c.txt")
+  with pytest.raises(SystemExit, match="cots_jax.search query: error: query takes no --images"):
+    _command_line("query", index, "--text=a dog", "--images=f")
+  with pytest.raises(app.UsageError, match="give one command, index or query"):
+    _command_line("find", index)
 
 
 def test_main_queries_a_caption_index_with_an_image(run, trained_run, captions_file, image_folder,
                                                     tmp_path, capsys):
   index = tmp_path / "captions.safetensors"
-  search.main(["index", f"--workdir={trained_run}", f"--captions={captions_file}", "--step=6",
-               f"--out={index}"])
+  _command_line("index", f"--workdir={trained_run}", f"--captions={captions_file}", "--step=6",
+                f"--out={index}")
   assert capsys.readouterr().out == f"indexed {len(CAPTIONS)} captions: {index}\n"
   embeddings, captions, meta = search.load_index(index)
   assert meta == {"kind": "text", "workdir": str(pathlib.Path(trained_run).absolute()),
@@ -246,7 +262,7 @@ def test_main_queries_a_caption_index_with_an_image(run, trained_run, captions_f
   step6 = inference.TrainedRun.load(trained_run, step=6)
   np.testing.assert_allclose(embeddings, step6.embed_texts(CAPTIONS), atol=1e-6)
   assert not np.allclose(embeddings, run.embed_texts(CAPTIONS), atol=1e-4)
-  search.main(["query", f"--index={index}", f"--image={image_folder[1][0]}", "-k", "2"])
+  _command_line("query", f"--index={index}", f"--image={image_folder[1][0]}", "-k", "2")
   expected = search.search(embeddings, captions,
                            search.embed_query(step6, "online", image=image_folder[1][0]), k=2)
   assert capsys.readouterr().out == search.format_hits(expected, "text") + "\n"
@@ -258,8 +274,8 @@ def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_
   process, as `python -m cots_jax.search`."""
   folder, readable, bad = image_folder
   index = tmp_path / "images.npz"
-  search.main(["index", f"--workdir={trained_run}", f"--images={folder}", "--encoder=momentum",
-               f"--out={index}"])
+  _command_line("index", f"--workdir={trained_run}", f"--images={folder}", "--encoder=momentum",
+                f"--out={index}")
   indexed = capsys.readouterr()
   assert indexed.out == f"indexed {len(readable)} images, skipped {len(bad)}: {index}\n"
   assert all(f"skipped {path}: " in indexed.err for path in bad)
