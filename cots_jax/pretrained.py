@@ -12,7 +12,9 @@ was trained at another image size.
 
 In a run, `config.model.text.init=DIR` / `config.model.image.init=PATH` make the config take the
 checkpoint's sizes (and DIR's tokenizer; `resolve_pretrained`) and the fresh state take its
-weights, the momentum towers starting as their copy (`init_pretrained_towers`).
+weights, the momentum towers starting as their copy (`init_pretrained_towers`). Weights are read
+through etils.epath, so DIR and PATH may be gs:// URLs; the tokenizer (transformers) is read
+from local directories only.
 
 Each checkpoint tensor is mapped to a parameter by name (BERT: models/bert.py `hf_param_name`;
 ViT: the tables below), torch `[out, in]` Linear weights and `[out, in, kh, kw]` convolutions
@@ -26,12 +28,14 @@ import os
 import re
 
 from absl import logging
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from cots_jax import paths
 from cots_jax.models import bert as bert_lib
 from cots_jax.models import vit as vit_lib
 
@@ -44,31 +48,37 @@ _GELU_FORMS = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
 
 def read_hf_config(directory):
   """DIRECTORY/config.json as a dict; FileNotFoundError naming the path when it is absent."""
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
+  path = epath.Path(directory) / "config.json"
+  if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist: {directory!r} is not a Hugging Face "
                             "model directory")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_safetensors(directory):
   """Every tensor of DIRECTORY's model.safetensors (or of its shards) as {key: numpy array}."""
-  single = os.path.join(directory, "model.safetensors")
-  index = os.path.join(directory, "model.safetensors.index.json")
-  if os.path.isfile(single):
+  single = epath.Path(directory) / "model.safetensors"
+  index = epath.Path(directory) / "model.safetensors.index.json"
+  if single.is_file():
     files = [single]
-  elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      files = [os.path.join(directory, name)
-               for name in sorted(set(json.load(f)["weight_map"].values()))]
+  elif index.is_file():
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    files = [epath.Path(directory) / name for name in sorted(set(weight_map.values()))]
   else:
     raise FileNotFoundError(f"{directory!r} has neither model.safetensors nor "
                             "model.safetensors.index.json (only safetensors weights are read)")
   tensors = {}
   for file in files:
-    tensors.update(safetensors.numpy.load_file(file))
+    tensors.update(_load_safetensors(file))
   return tensors
+
+
+def _load_safetensors(path):
+  """{key: numpy array} of one safetensors file, memory-mapped from a local disk and read whole
+  from a bucket (safetensors opens local files only)."""
+  if paths.is_local(path):
+    return safetensors.numpy.load_file(os.fspath(path))
+  return safetensors.numpy.load(epath.Path(path).read_bytes())
 
 
 def bert_sizes(hf_config):
@@ -321,14 +331,14 @@ def read_vit_checkpoint(path, heads=None):
     converted: its tensors in the tower's layout, by flax parameter path;
     keys: every tensor name of the checkpoint.
   """
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     tensors = read_safetensors(path)
     sizes, converted = _vit_params_from_hf(tensors, read_hf_config(path))
   elif path.endswith(".safetensors"):
-    tensors = safetensors.numpy.load_file(path)
+    tensors = _load_safetensors(path)
     sizes, converted = _vit_params_from_timm(tensors, heads)
   elif path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as npz:
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
       tensors = dict(npz)
     sizes, converted = _vit_params_from_big_vision(tensors)
   else:
@@ -428,7 +438,8 @@ def load_hf_bert(directory, dtype=jnp.float32):
   `[B, L, D]` (no pooler, no projection).
 
   Args:
-    directory: local directory with config.json + model.safetensors (BERT-base, MiniLM, ...).
+    directory: local or gs:// directory with config.json + model.safetensors (BERT-base,
+      MiniLM, ...).
     dtype: compute dtype of the module (parameters are float32).
 
   Raises:
@@ -449,19 +460,20 @@ def resolve_pretrained(config):
   neither is set.
 
   The image size stays the config's (position embeddings are interpolated to it). Each changed
-  field is logged, so the run's config.json records the real shapes; local paths become absolute.
+  field is logged, so the run's config.json records the real shapes; local paths become absolute
+  (gs:// URLs stay as they are).
   """
   if not config.model.text.init and not config.model.image.init:
     return config
   config = config.copy_and_resolve_references()
   text, image = config.model.text, config.model.image
   if text.init:
-    text.init = os.path.abspath(text.init)
+    text.init = os.fspath(paths.absolute(text.init))
     _update(text, bert_sizes(read_hf_config(text.init)), "model.text", text.init)
     if not config.input.tokenizer:
       config.input.tokenizer = text.init
   if image.init:
-    image.init = os.path.abspath(image.init)
+    image.init = os.fspath(paths.absolute(image.init))
     _update(image, read_vit_checkpoint(image.init, image.heads)[0], "model.image", image.init)
   return config
 

@@ -11,7 +11,9 @@ step, encoder, embed_dim). `.safetensors` keeps the items and meta as JSON strin
 metadata (which safetensors caps at 100 MB: use `.npz` for millions of long paths); `.npz` keeps
 them as a unicode array and a JSON string, read back without pickle. A query is embedded with the
 index's run, checkpoint step and encoder and ranked by dot product: exact top-k over numpy chunks
-by default, or FAISS (`faiss.IndexFlatIP`, also exact) with --backend=faiss.
+by default, or FAISS (`faiss.IndexFlatIP`, also exact) with --backend=faiss. Index, caption
+and query image files may be gs:// URLs (etils.epath, like the workdir); --images is a local
+folder.
 """
 
 import json
@@ -21,8 +23,8 @@ import sys
 
 from absl import app
 from absl import flags
+from etils import epath
 import numpy as np
-import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from cots_jax import inference
@@ -75,6 +77,8 @@ def image_files(folder):
   Raises:
     NotADirectoryError when FOLDER is not a folder.
   """
+  # Local only: epath refuses recursive globs (an RPC per folder on GCS), and its walk, unlike
+  # pathlib's rglob, does not follow symlinked folders.
   root = pathlib.Path(folder).expanduser().absolute()
   if not root.is_dir():
     raise NotADirectoryError(f"--images {folder!r} is not a folder")
@@ -88,7 +92,7 @@ def _decoded_batches(files, transform, batch_size, skipped):
   pixels, names = [], []
   for path in files:
     try:
-      pixels.append(transform(pathlib.Path(path).read_bytes(), path))
+      pixels.append(transform(epath.Path(path).read_bytes(), path))
       names.append(path)
     except transforms.BadExampleError as error:
       _report_skip(skipped, path, error.reason)
@@ -135,7 +139,7 @@ def build_image_index(run, folder, encoder="online", batch_size=None):
 
 def read_captions(path):
   """The non-blank lines of the UTF-8 text file PATH, stripped: one caption per line."""
-  lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+  lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
   return [line.strip() for line in lines if line.strip()]
 
 
@@ -156,7 +160,7 @@ def build_text_index(run, captions_file, encoder="online"):
 
 def index_format(path):
   """The suffix of index file PATH (".safetensors" or ".npz"); ValueError for any other."""
-  suffix = pathlib.Path(path).suffix
+  suffix = epath.Path(path).suffix
   if suffix not in FORMATS:
     raise ValueError(f"index {path}: unknown suffix {suffix!r}; use one of {', '.join(FORMATS)}")
   return suffix
@@ -179,11 +183,12 @@ def save_index(path, embeddings, items, meta):
   if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
     raise ValueError(f"embeddings must be [{len(items)} items, E], got {embeddings.shape}")
   if suffix == ".safetensors":
-    safetensors_numpy.save_file({"embeddings": embeddings}, os.fspath(path), metadata={
-        "items": json.dumps(list(items)), "meta": json.dumps(meta)})
+    epath.Path(path).write_bytes(safetensors_numpy.save({"embeddings": embeddings}, metadata={
+        "items": json.dumps(list(items)), "meta": json.dumps(meta)}))
   else:
-    np.savez(path, embeddings=embeddings, items=np.array(items, dtype=str),
-             meta=np.array(json.dumps(meta)))
+    with epath.Path(path).open("wb") as file:
+      np.savez(file, embeddings=embeddings, items=np.array(items, dtype=str),
+               meta=np.array(json.dumps(meta)))
 
 
 def load_index(path):
@@ -195,11 +200,15 @@ def load_index(path):
   suffix = index_format(path)
   try:
     if suffix == ".safetensors":
-      with safetensors.safe_open(os.fspath(path), framework="numpy") as file:
-        embeddings, header = file.get_tensor("embeddings"), file.metadata() or {}
-      return embeddings, json.loads(header["items"]), json.loads(header["meta"])
-    with np.load(path, allow_pickle=False) as file:
-      return file["embeddings"], file["items"].tolist(), json.loads(file["meta"].item())
+      data = epath.Path(path).read_bytes()
+      embeddings = safetensors_numpy.load(data)["embeddings"]
+      # safetensors reads the metadata from local files only (safe_open); the file starts with
+      # its JSON header's length as a little-endian uint64, then the header.
+      header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+      metadata = header.get("__metadata__") or {}
+      return embeddings, json.loads(metadata["items"]), json.loads(metadata["meta"])
+    with epath.Path(path).open("rb") as file, np.load(file, allow_pickle=False) as index:
+      return index["embeddings"], index["items"].tolist(), json.loads(index["meta"].item())
   except KeyError as error:
     raise ValueError(f"index {path} is no cots_jax.search index (it lacks {error})") from error
 
@@ -223,7 +232,7 @@ def embed_query(run, encoder, text=None, image=None):
     BadExampleError when the image does not decode; OSError when it cannot be read.
   """
   if image is not None:
-    pixels = run.image_transform()(pathlib.Path(image).read_bytes(), str(image))
+    pixels = run.image_transform()(epath.Path(image).read_bytes(), str(image))
     return run.embed_images(pixels[None], encoder)[0]
   return run.embed_texts([text], encoder)[0]
 

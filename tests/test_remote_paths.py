@@ -9,22 +9,30 @@ directories to create first. It cannot take Orbax arrays: tensorstore talks to G
 import json
 import logging
 import os
+import shutil
 
 from etils import epath
 from etils.epath import backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 import jax.numpy as jnp
+import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
+import safetensors.numpy
 from tensorboardX import record_writer
 
 from configs import common
 from cots_jax import checkpoint
 from cots_jax import paths
+from cots_jax import pretrained
+from cots_jax import search
 from cots_jax import vq_trainer
+from cots_jax.data import sources
+from cots_jax.data.transforms import BadExampleError
 from cots_jax.metrics_writer import MetricWriter, read_metrics
 from support import tiny_config
+from test_pretrained import VIT_CONFIG, as_big_vision, as_timm, random_hf_vit, save_hf_dir
 
 READ_ONLY_BUCKET = "locked"
 
@@ -186,3 +194,70 @@ def test_a_tokenizer_on_a_bucket_is_found_and_checked(bucket_root):
   assert vq_trainer.find_tokenizer_dir("gs://bucket/elsewhere") is None
   with pytest.raises(FileNotFoundError, match="config.vq.init='gs://bucket/elsewhere'"):
     vq_trainer.load_tokenizer("gs://bucket/elsewhere", config)
+
+
+def test_vit_weights_on_a_bucket_read_as_their_local_copy_in_each_layout(tmp_path, bucket_root):
+  local = tmp_path / "vit"
+  weights = random_hf_vit(np.random.default_rng(5), VIT_CONFIG)
+  save_hf_dir(local / "hf", weights, VIT_CONFIG)
+  names = sorted(weights)
+  shards = {"model-1.safetensors": names[::2], "model-2.safetensors": names[1::2]}
+  save_hf_dir(local / "sharded", {}, VIT_CONFIG)
+  os.remove(local / "sharded" / "model.safetensors")
+  for shard, keys in shards.items():
+    safetensors.numpy.save_file({k: weights[k] for k in keys}, str(local / "sharded" / shard))
+  (local / "sharded" / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+  safetensors.numpy.save_file(as_timm(weights, VIT_CONFIG), str(local / "timm.safetensors"))
+  np.savez(local / "augreg.npz", **as_big_vision(weights, VIT_CONFIG))
+  shutil.copytree(local, bucket_root / "bucket" / "vit")
+  for name in ("hf", "sharded", "timm.safetensors", "augreg.npz"):
+    want_sizes, want, want_keys = pretrained.read_vit_checkpoint(str(local / name), heads=4)
+    sizes, got, keys = pretrained.read_vit_checkpoint(f"gs://bucket/vit/{name}", heads=4)
+    assert (sizes, sorted(keys), sorted(got)) == (want_sizes, sorted(want_keys), sorted(want))
+    for path, (key, array) in want.items():
+      assert got[path][0] == key
+      np.testing.assert_array_equal(got[path][1], array)
+  config = tiny_config(**{"model.image.init": "gs://bucket/vit/hf"})
+  resolved = pretrained.resolve_pretrained(config)
+  assert resolved.model.image.init == "gs://bucket/vit/hf"  # not made a local path
+  assert (resolved.model.image.width, resolved.model.image.depth) == (32, 2)
+
+
+def test_a_captions_json_on_a_bucket_reads_as_its_local_copy(tmp_path, bucket_root):
+  local = tmp_path / "data"
+  (local / "images").mkdir(parents=True)
+  (local / "images" / "a.png").write_bytes(b"png bytes")
+  (local / "ann.json").write_text(json.dumps({"images": [
+      {"filename": "a.png", "split": "train", "sentences": [{"raw": "a red square"}]},
+      {"filename": "gone.png", "split": "train", "sentences": [{"raw": "nothing"}]}]}))
+  shutil.copytree(local, bucket_root / "bucket" / "data")
+  source = sources.CaptionsJson("gs://bucket/data/ann.json", "gs://bucket/data/images", "train")
+  assert source[0] == {"image": b"png bytes", "name": "gs://bucket/data/images/a.png",
+                       "captions": ["a red square"], "image_id": 0}
+  with pytest.raises(BadExampleError, match="gs://bucket/data/images/gone.png: missing file"):
+    source[1]  # pylint: disable=pointless-statement
+  with pytest.raises(ValueError, match="gs://bucket/data/none.json: annotations file not found"):
+    sources.CaptionsJson("gs://bucket/data/none.json", "gs://bucket/data/images", "train")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_search_index_on_a_bucket_reads_back_and_is_a_plain_file_of_its_format(bucket_root,
+                                                                                   suffix):
+  embeddings = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+  items, meta = ["/a.png", "b c", "ü"], {"kind": "image", "step": 2}
+  search.save_index(f"gs://bucket/index{suffix}", embeddings, items, meta)
+  got, got_items, got_meta = search.load_index(f"gs://bucket/index{suffix}")
+  np.testing.assert_array_equal(got, embeddings)
+  assert (got_items, got_meta) == (items, meta)
+  stored = str(bucket_root / "bucket" / f"index{suffix}")
+  if suffix == ".safetensors":
+    with safetensors.safe_open(stored, framework="numpy") as file:
+      np.testing.assert_array_equal(file.get_tensor("embeddings"), embeddings)
+      assert file.metadata() == {"items": json.dumps(items), "meta": json.dumps(meta)}
+  else:
+    with np.load(stored, allow_pickle=False) as file:
+      np.testing.assert_array_equal(file["embeddings"], embeddings)
+      assert file["items"].tolist() == items and json.loads(file["meta"].item()) == meta
+  (bucket_root / "bucket" / "captions.txt").write_text("one\n\n two \n")
+  assert search.read_captions("gs://bucket/captions.txt") == ["one", "two"]

@@ -1,4 +1,5 @@
-"""Image-caption sources on disk: a Karpathy-style captions json with an image folder, and TFDS.
+"""Image-caption sources: a Karpathy-style captions json with an image folder (local or gs://,
+read through etils.epath like the workdir), and TFDS.
 
 A source is random-access over images, picklable (grain worker processes receive a copy) and
 knows nothing of models or tokenizers. Item i is
@@ -16,6 +17,7 @@ would need a pass over every record.
 import json
 import os
 
+from etils import epath
 import numpy as np
 
 from cots_jax.data.transforms import BadExampleError
@@ -42,8 +44,7 @@ def required_field(mapping, key, expected_type, where):
 def load_json(path, what):
   """The parsed json file at `path`; ValueError naming `path` and `what` it is otherwise."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text(encoding="utf-8"))
   except FileNotFoundError:
     raise ValueError(f"{path}: {what} not found") from None
   except (OSError, UnicodeDecodeError) as error:
@@ -135,8 +136,7 @@ class CaptionsJson:
 def read_image_file(path):
   """The bytes of the file at `path`; BadExampleError(path, reason) when there are none."""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = epath.Path(path).read_bytes()
   except FileNotFoundError:
     raise BadExampleError(path, "missing file") from None
   except OSError as e:
