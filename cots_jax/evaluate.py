@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from cots_jax import distributed
 from cots_jax import inference
+from cots_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -31,9 +32,11 @@ RESULTS_FILE = "eval_results.json"
 
 
 def main(argv):
+  logs.quiet_terminal()
   distributed.initialize(argv)
   config = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
+  logs.log_to_file(logs.workdir_log(workdir))  # appended to the run's log
   results, step = inference.evaluate_checkpoint(config, workdir, _STEP.value)
   if jax.process_index() == 0:
     path = epath.Path(workdir) / RESULTS_FILE

@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
 
 from cots_jax import inference  # noqa: E402
+from cots_jax import logs  # noqa: E402
 from cots_jax import metrics_writer  # noqa: E402
 from cots_jax.data import eval_split  # noqa: E402
 from cots_jax.evaluators import retrieval  # noqa: E402
@@ -289,8 +290,10 @@ def render_html(header, final, panels, notes, examples):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  path, _ = write_report(os.path.expanduser(_WORKDIR.value), _NUM_CAPTIONS.value, _ENCODER.value,
-                         _STEP.value, _SEED.value)
+  workdir = os.path.expanduser(_WORKDIR.value)
+  logs.quiet_terminal()
+  logs.log_to_file(logs.workdir_log(workdir))
+  path, _ = write_report(workdir, _NUM_CAPTIONS.value, _ENCODER.value, _STEP.value, _SEED.value)
   print(f"report written to {path}")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 
 from cots_jax import inference
+from cots_jax import logs
 from cots_jax import paths
 from cots_jax.data import transforms
 from cots_jax.evaluators import retrieval
@@ -329,6 +330,13 @@ def _check_flags(command):
                        else f"give exactly one of {named}")
 
 
+def _quiet_logs():
+  """The terminal shows warnings and errors only, INFO records go to absl's log dir (a run's
+  workdir is only read here)."""
+  logs.quiet_terminal()
+  logs.log_to_file(logs.tool_log("search"))
+
+
 def main(argv):
   """Runs the command argv[1] (index or query) with the parsed FLAGS; exits with a one-line
   error on a bad input."""
@@ -352,4 +360,5 @@ if __name__ == "__main__":
   for flag_name in FLAGS:
     flags.declare_key_flag(flag_name)
   FLAGS.mark_as_parsed()
+  app.call_after_init(_quiet_logs)
   app.run(main)

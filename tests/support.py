@@ -3,6 +3,7 @@ children that start `cots_jax.main` or use several (fake) devices."""
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from cots_jax import step as step_lib
 from cots_jax import vq_trainer
 from cots_jax.data import pipeline
 
+# An absl INFO line ("I1207 06:32:06.560879 140688107305856 checkpoint_manager.py:1527] ..."),
+# also where it follows a progress bar's carriage return on the same line.
+ABSL_INFO = re.compile(r"I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+\.py:\d+\]")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `configs/pretrain.py:runlocal` shrunk to compile in seconds (set as --config.<name>=<value>).
 TINY = {

@@ -195,9 +195,10 @@ def test_sigterm_then_sigkill_then_restart_logs_the_losses_of_an_uninterrupted_r
   preempted_at, killed_after = result["preempted_at"], result["killed_after"]
   assert preempted_at < killed_after < TINY["total_steps"]
   assert f"SIGTERM: saved checkpoint {preempted_at} in" in output
-  assert f"Resumed from step {preempted_at} " in output
-  assert f"Resumed from step {killed_after} " in output
-  assert output.count("Resumed from step") == 2
+  run_log = read_log(os.path.join(workdir, "log.txt"))  # INFO records: the workdir's log
+  assert f"Resumed from step {preempted_at} " in run_log
+  assert f"Resumed from step {killed_after} " in run_log
+  assert run_log.count("Resumed from step") == 2
   got = train_losses(workdir)
   assert sorted(got) == sorted(expected) == list(range(1, TINY["total_steps"] + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],

@@ -21,7 +21,7 @@ from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 from cots_jax.metrics_writer import read_metrics
 from cots_jax.models import cots as cots_model
-from support import TINY, run_module, tiny_config, tiny_flags
+from support import ABSL_INFO, TINY, run_module, tiny_config, tiny_flags
 
 # The overrides of conftest's `trained_run` on top of support.TINY.
 RUN_OVERRIDES = {"loss.mvm": 0.0, "loss.mlm": 0.0, "total_steps": 12, "checkpoint_every": 6,
@@ -146,6 +146,8 @@ def test_evaluate_command_writes_the_final_eval_of_the_run(trained_run, tmp_path
   result = run_module("cots_jax.evaluate", "--config=configs/pretrain.py:runlocal",
                       f"--workdir={workdir}", *tiny_flags(**RUN_OVERRIDES))
   assert "checkpoint 12 of" in result.stdout and "retrieval_momentum" in result.stdout
+  assert not ABSL_INFO.search(result.stderr)  # Orbax's restore lines: in the workdir's log
+  assert "Restoring checkpoint from" in open(os.path.join(workdir, "log.txt")).read()
   written = json.loads(open(os.path.join(workdir, "eval_results.json")).read())
   final = json.loads(open(os.path.join(workdir, "final_eval.json")).read())
   assert {f"eval/{name}/{metric}": value for name, metrics in written.items()

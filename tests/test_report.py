@@ -11,7 +11,7 @@ import pytest
 
 from cots_jax import report
 from cots_jax.data import transforms
-from support import run_module
+from support import ABSL_INFO, run_module
 
 NUM_CAPTIONS = 3
 
@@ -193,5 +193,7 @@ def test_cli_writes_the_report(trained_run, tmp_path):
   workdir = _copy_run(trained_run, tmp_path)
   result = run_module("cots_jax.report", f"--workdir={workdir}", "--num_captions=2")
   assert (workdir / "report.html").exists() and "report written to" in result.stdout
+  assert not ABSL_INFO.search(result.stderr)  # Orbax's restore lines: in the workdir's log
+  assert "Restoring checkpoint from" in (workdir / "log.txt").read_text()
   assert sorted(p.name for p in (workdir / "report").glob("example_*.png")) == [
       "example_0.png", "example_1.png"]

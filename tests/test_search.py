@@ -14,7 +14,7 @@ from PIL import Image
 
 from cots_jax import inference
 from cots_jax import search
-from support import run_module
+from support import ABSL_INFO, run_module
 
 CAPTIONS = ["a small red circle on the left", "two blue squares", "a green triangle at the top",
             "three yellow circles", "a large purple square on the right"]
@@ -271,7 +271,7 @@ def test_main_queries_a_caption_index_with_an_image(run, trained_run, captions_f
 def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_folder,
                                                         image_index, tmp_path, capsys):
   """The two commands end to end (the momentum encoder, an .npz index); the query in a child
-  process, as `python -m cots_jax.search`."""
+  process, as `python -m cots_jax.search`, its library logs in --log_dir."""
   folder, readable, bad = image_folder
   index = tmp_path / "images.npz"
   _command_line("index", f"--workdir={trained_run}", f"--images={folder}", "--encoder=momentum",
@@ -283,7 +283,9 @@ def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_
   assert items == readable and meta["encoder"] == "momentum" and meta["step"] == 12
   assert not np.allclose(embeddings, image_index[0][0], atol=1e-4)  # the online encoder's
   queried = run_module("cots_jax.search", "query", f"--index={index}", f"--text={QUERY}", "-k",
-                       "3", "--json")
+                       "3", "--json", f"--log_dir={tmp_path}")
+  assert not ABSL_INFO.search(queried.stderr)  # Orbax's restore lines: in absl's log dir
+  assert "Restoring checkpoint from" in (tmp_path / "cots_jax.search.log.txt").read_text()
   hits = json.loads(queried.stdout)
   query = run.embed_texts([QUERY], "momentum")[0]
   expected = embeddings @ query

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from cots_jax import sharding
-from support import fake_cpus
+from support import FakeDevice, fake_cpus
 
 
 def test_make_mesh_fills_the_minus_one_axis_and_checks_sizes():
