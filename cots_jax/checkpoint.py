@@ -99,15 +99,25 @@ def check_free_space(directory, required_bytes):
 # ------------------------------------------------------------------------------- save, restore
 
 
+def save_policy(config):
+  """Orbax's decision of the steps to save: every `checkpoint_every` (0 = none between) and the
+  last step. Preemption saves are the trainer's (`PreemptionWatch`), also in one process."""
+  policies = [ocp.checkpoint_managers.SpecificStepsPolicy(steps=(config.total_steps,))]
+  if config.checkpoint_every:
+    policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(config.checkpoint_every))
+  return ocp.checkpoint_managers.AnySavePolicy(policies)
+
+
 def checkpoint_manager(workdir, config):
   """Orbax manager of WORKDIR/checkpoints (items `state` and `data`), async, keeping the last
-  `config.keep_checkpoints`."""
+  `config.keep_checkpoints`, deciding by `save_policy` (`manager.should_save(step)`)."""
   return ocp.CheckpointManager(
       paths.absolute(workdir) / "checkpoints",
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           enable_async_checkpointing=True, create=True))
+                                           enable_async_checkpointing=True, create=True,
+                                           save_decision_policy=save_policy(config)))
 
 
 @contextlib.contextmanager
@@ -129,7 +139,8 @@ def _all_finite(tree):
 
 
 def save_checkpoint(manager, step, state, train_iter):
-  """Starts the async save of `state` and the iterator position as checkpoint `step`.
+  """Starts the async save of `state` and the iterator position as checkpoint `step` (the
+  caller decided to save: `manager.should_save(step)`, or a preemption).
 
   Blocks the loop while the state is copied to the host (and, first, until the previous async
   save is written). Checks before (one host sync) that the online and momentum parameters are
@@ -144,7 +155,7 @@ def save_checkpoint(manager, step, state, train_iter):
         f"non-finite parameters at step {step}; not saving them (the last good checkpoint, "
         f"step {manager.latest_step()}, is kept)")
   with _reported_save_errors(manager):
-    manager.save(step, args=ocp.args.Composite(
+    manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
 
 

@@ -49,7 +49,7 @@ def weight_decay_mask(params):
   no_decay = ("position", "pos_embed", "cls", "mask_token", "token_type")
 
   def decays(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path).lower()
+    name = jax.tree_util.keystr(path, simple=True, separator="/").lower()
     return leaf.ndim >= 2 and not any(word in name for word in no_decay)
 
   return jax.tree_util.tree_map_with_path(decays, params)

@@ -158,8 +158,7 @@ def _loop(config, state, update, batches, start_step, manager, train_iter, write
         logging.info("step %d eval: %s", step, evaluators_common.summary(results))
         progress.write(f"step {step}: {evaluators_common.summary(results)}")
         eval_seconds += time.perf_counter() - eval_start
-      if (is_last or preempted
-          or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+      if preempted or manager.should_save(step):
         checkpoint.save_checkpoint(manager, step, state, train_iter)
       if preempted:
         message = (f"{preemption.signal_received or 'preemption notice'}: saved checkpoint "

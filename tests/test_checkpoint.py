@@ -519,3 +519,11 @@ def test_preemption_watch_turns_sigterm_into_a_request_and_restores_the_handler(
     os.kill(os.getpid(), signal.SIGTERM)
     assert watch.requested(2) and watch.signal_received == "SIGTERM"
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("every, saved", [(4, [4, 8, 10]), (0, [10])])
+def test_orbax_decides_the_interval_and_last_step_saves(tmp_path, every, saved):
+  config = tiny_config(**{"checkpoint_every": every, "total_steps": 10})
+  manager = checkpoint.checkpoint_manager(str(tmp_path), config)
+  assert [step for step in range(1, 11) if manager.should_save(step)] == saved
+  manager.close()
