@@ -36,6 +36,7 @@ import numpy as np
 import safetensors.numpy
 
 from cots_jax import paths
+from cots_jax import shapes
 from cots_jax.models import bert as bert_lib
 from cots_jax.models import vit as vit_lib
 
@@ -498,7 +499,7 @@ def init_pretrained_towers(config, state):
                                                         target),
              "image": lambda target: vit_params_from_checkpoint(
                  read_vit_checkpoint(image.init, image.heads), target,
-                 image.image_size // image.patch_size, image.init)}
+                 shapes.patch_grid(config)[0], image.init)}
 
   def place(array, fresh):
     return jax.make_array_from_callback(array.shape, fresh.sharding, lambda index: array[index])

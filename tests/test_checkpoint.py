@@ -184,6 +184,7 @@ def reference_run(tmp_path_factory, vq_dir):
   return workdir, train_losses(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_logs_the_losses_of_an_uninterrupted_run(
     interrupted_run, mesh_checkpoint, reference_run):
   del mesh_checkpoint  # requested first only to start its subprocesses alongside
@@ -206,6 +207,7 @@ def test_sigterm_then_sigkill_then_restart_logs_the_losses_of_an_uninterrupted_r
   assert os.path.exists(os.path.join(workdir, "final_eval.json"))
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_vq_tokenizer_trains_saves_after_the_first_step(tmp_path):
   """Preemption during set-up (VQ training, compilation) must not kill the run unsaved."""
   workdir, log_path = tmp_path / "run", tmp_path / "run.log"
@@ -237,6 +239,7 @@ def assert_same_state(restored, saved):
   np.testing.assert_array_equal(restored["next_image_id"], saved["next_image_id"])
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_1_and_on_4(saved_on_8):
   workdir, saved = saved_on_8
   on_1 = restore_on_this_mesh(workdir)
@@ -248,6 +251,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_4(saved_on_8):
   assert_same_state(on_4, saved)
 
 
+@pytest.mark.slow
 def test_unfinished_saves_are_ignored_and_nothing_is_pickled(saved_on_8, tmp_path):
   workdir, saved = saved_on_8
   copy = str(tmp_path / "copy")
@@ -469,6 +473,7 @@ def test_which_config_changes_change_the_state_comes_from_the_state_itself(chang
 PINNED_COMMIT = "bce2b37fc3450a322c2df35f0f19a05815ff8265"
 
 
+@pytest.mark.slow
 def test_a_workdir_written_by_the_code_before_the_redesign_resumes_and_loads(tmp_path):
   """The pinned commit's cots_jax (from git) runs 2 steps with a VQ tokenizer of its own; this
   code resumes its checkpoint to step 4, reads its tokenizer and loads it for inference."""

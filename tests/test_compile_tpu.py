@@ -22,6 +22,10 @@ from configs import common
 from cots_jax import flops
 from cots_jax.benchmarks import compile_tpu
 
+# Ahead-of-time compiles for TPU topologies with libtpu: tens of seconds each (`-m "not slow"`
+# leaves them out).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 # runlocal's towers of width 64, with one layer each, on 16 px images and 8-token captions.

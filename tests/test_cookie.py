@@ -285,6 +285,7 @@ def test_cookie_config_variants():
 # ------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_runlocal_cookie_run_trains_and_reports_every_evaluator(tmp_path):
   flags = tiny_flags(**{"total_steps": 30, "log_every": 10, "checkpoint_every": 0,
                         "model.wst_layers": 1, "input.data.num_train_images": 200})

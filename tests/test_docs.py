@@ -149,14 +149,22 @@ def _imported_modules(module):
 
 @functools.lru_cache(maxsize=None)
 def defined_flags(module):
-  """(absl flag names, argparse option names) that running `module` can parse."""
-  absl_names, argparse_names = set(), set()
+  """The absl flag names that running `module` can parse."""
+  names = set()
   for name in _imported_modules(module):
-    source = _module_source(name)
-    absl_names.update(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source))
-    if name == module:
-      argparse_names.update(re.findall(r"add_argument\(\s*\"(-{1,2}[\w-]+)\"", source))
-  return absl_names, argparse_names
+    names.update(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", _module_source(name)))
+  return names
+
+
+@functools.lru_cache(maxsize=None)
+def subcommands(module):
+  """The subcommands an entry takes as its first argument: the keys of its module-level
+  `COMMANDS` dict (cots_jax.search), read from the source (importing an entry defines flags)."""
+  for node in ast.parse(_module_source(module)).body:
+    if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+        and any(getattr(target, "id", None) == "COMMANDS" for target in node.targets)):
+      return tuple(ast.literal_eval(key) for key in node.value.keys)
+  return ()
 
 
 def load_config(config_arg, overrides):
@@ -177,17 +185,24 @@ def check_cots_command(argv):
   module = argv[2]
   if importlib.util.find_spec(module) is None:
     return [f"no module {module}"]
-  absl_names, argparse_names = defined_flags(module)
-  args = argv[3:]
-  if argparse_names:  # cots_jax.search: a subcommand, then options
-    return [f"unknown option {a.split('=')[0]}" for a in args
-            if a.startswith("-") and a.split("=")[0] not in argparse_names]
+  absl_names = defined_flags(module)
+  args = list(argv[3:])
   problems, config_arg, overrides = [], None, []
+  commands = subcommands(module)
+  if commands and (not args or args[0] not in commands):
+    problems.append(f"{module} takes a command first, one of {commands}")
+  elif commands:
+    args = args[1:]
+  previous = ""
   for arg in args:
-    name = arg[2:].split("=")[0]
-    if not arg.startswith("--"):
-      problems.append(f"stray argument {arg!r} (absl flags are --name=value)")
-    elif name == "config" and "config" in absl_names:
+    name = arg.lstrip("-").split("=")[0]
+    if not arg.startswith("-"):
+      if not previous.startswith("-") or "=" in previous:  # else the value of `-name value`
+        problems.append(f"stray argument {arg!r} (absl flags are --name=value)")
+      previous = arg
+      continue
+    previous = arg
+    if name == "config" and "config" in absl_names:
       config_arg = arg.split("=", 1)[1]
     elif name.startswith("config.") and "config" in absl_names:
       overrides.append(arg)
@@ -371,7 +386,8 @@ def test_the_docs_check_finds_bad_commands(tmp_path):
       "python -m cots_jax.main --config=configs/pretrain.py --workdir=x --config.total_steps=-1":
           "total_steps",
       "python -m cots_jax.main --config=configs/pretrain.py --wrkdir=x": "unknown flag --wrkdir",
-      "python -m cots_jax.search query --index=i --txt=a": "unknown option --txt",
+      "python -m cots_jax.search query --index=i --txt=a": "unknown flag --txt",
+      "python -m cots_jax.search --index=i --text=a": "takes a command first",
       "launch/tpu_run.sh --name=cots": "--dry-run exited",
       "launch/tpu_nothing.sh --name=cots": "no script",
       "make all": "does not know",
@@ -415,6 +431,7 @@ def readme_runs(tmp_path_factory):
   return tmp
 
 
+@pytest.mark.slow
 def test_the_readme_pre_training_command_trains_and_evaluates(readme_runs):
   workdir = readme_runs / "runs" / "pretrain"
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:

@@ -5,11 +5,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from support import ABSL_INFO, REPO, start_main, subprocess_env, tiny_flags
 
 TIMEOUT = 600
 
 
+@pytest.mark.slow
 def test_a_run_shows_progress_and_evals_and_writes_library_info_to_the_workdir_log(tmp_path):
   workdir, terminal_path = tmp_path / "run", tmp_path / "terminal.txt"
   process = start_main(workdir, terminal_path,

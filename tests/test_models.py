@@ -342,7 +342,7 @@ def test_vit_sincos2d_positions_are_fixed_and_cls_gets_none():
   p["pos_embed"] = np.concatenate([np.zeros((1, 8)), np_sincos_2d(3, 8)])[None]
   np.testing.assert_allclose(vit.apply({"params": params}, images), np_vit(p, images, None, 2, 4),
                              atol=2e-4)
-  with pytest.raises(ValueError, match="posemb must be 'learn' or 'sincos2d'"):
+  with pytest.raises(ValueError, match=r"posemb must be one of \('learn', 'sincos2d'\)"):
     ViT(image_size=8, patch_size=4, width=8, depth=1, heads=2, posemb="rope").init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(ValueError, match="width divisible by 4, got 6"):

@@ -18,6 +18,9 @@ import pytest
 from cots_jax.metrics_writer import read_metrics
 from support import free_port, start_main, tiny_flags
 
+# Multi-process runs of the trainer: minutes each (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 400
 STEPS = 8
 

@@ -207,6 +207,7 @@ def _train_config(root, on_bad_example="skip"):
   return config
 
 
+@pytest.mark.slow
 def test_training_counts_skipped_examples_in_metrics(dataset_dir, tmp_path):
   config = _train_config(dataset_dir)
   train.train_and_evaluate(config, str(tmp_path))

@@ -33,6 +33,9 @@ from cots_jax import vq_trainer
 from cots_jax.metrics_writer import read_metrics
 from support import flat, free_port, start_module, tiny_config, tiny_flags
 
+# Multi-process runs of the trainer: minutes each (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 400
 # The 1-process run and the 1-process resume share every setting that reaches the compiled step
 # (total_steps included), so the resume compiles from the persistent cache.
@@ -135,8 +138,11 @@ def test_a_two_process_run_starts_from_a_tokenizer_and_a_run_saved_by_one_proces
     tokenizer, run_of_one, run_of_two):
   tokenizer_dir, tokenizer_values = tokenizer
   one, one_state = run_of_one
-  two, logs = run_of_two
-  for log in logs:
+  two, terminals = run_of_two
+  # The INFO records go to each process's log file in the workdir, not to the terminal.
+  logs = [read_text(os.path.join(two, name)) for name in ("log.txt", "log.process_1.txt")]
+  for terminal, log in zip(terminals, logs):
+    assert "training a VQ tokenizer" not in terminal
     assert f"Using the VQ tokenizer of {tokenizer_dir}" in log, log[-4000:]
     assert f"Loaded params from step {ONE['total_steps']} of {one}" in log, log[-4000:]
     assert "training a VQ tokenizer" not in log

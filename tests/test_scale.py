@@ -26,6 +26,9 @@ from cots_jax.evaluators import common as evaluators_common
 from cots_jax.evaluators import retrieval
 from support import REPO, subprocess_env, tiny_config
 
+# Children with 8 fake devices against 1: tens of seconds (`-m "not slow"` leaves them out).
+pytestmark = pytest.mark.slow
+
 STEPS = 4
 TIMEOUT = 400
 MESHES = {

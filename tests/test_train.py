@@ -191,6 +191,7 @@ def runlocal_workdir(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_runlocal_trains_logs_evaluates_and_checkpoints(runlocal_workdir):
   workdir, result = runlocal_workdir
   assert "training a VQ tokenizer" in result.stdout

@@ -90,6 +90,7 @@ def test_video_config_variants():
     video_retrieval.get_config("agg=max")
 
 
+@pytest.mark.slow
 def test_a_synthetic_video_run_with_the_temporal_transformer_trains_and_evaluates(tmp_path):
   """(The MSR-VTT run below takes the mean aggregation.)"""
   config = video_config("runlocal,agg=transformer", **{"model.temporal_layers": 1})
@@ -123,6 +124,7 @@ def _msrvtt_layout(root, num_videos=6):
   return root
 
 
+@pytest.mark.slow
 def test_an_msrvtt_layout_runs_end_to_end(tmp_path):
   root = _msrvtt_layout(tmp_path / "msrvtt")
   config = video_config("runlocal,data=msrvtt", **{

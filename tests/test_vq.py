@@ -190,7 +190,7 @@ def test_init_vq_state_layout_and_errors():
 
   assert set(vq_trainer.init_vq_state(_config("st"), jax.random.key(0), (16, 16, 3))) == {
       "params", "usage"}
-  with pytest.raises(ValueError, match="codebook_update must be 'ema' or 'st'"):
+  with pytest.raises(ValueError, match=r"codebook_update must be one of \('ema', 'st'\)"):
     vq_trainer.init_vq_state(_config("kmeans"), jax.random.key(0), (16, 16, 3))
 
 
