@@ -190,8 +190,8 @@ class Built:
 
   def with_vq(self, vq_variables):
     """This `Built` with the frozen tokenizer `vq_variables` (host-local or global arrays of
-    the configured shape), replicated on every device of every process."""
-    return dataclasses.replace(self, vq_variables=sharding.replicate_globally(vq_variables))
+    the configured shape; `fresh_state` replicates them on every device of every process)."""
+    return dataclasses.replace(self, vq_variables=vq_variables)
 
   def fresh_state(self):
     """The initialised train state, made by a jitted init with `out_shardings`, so no state is

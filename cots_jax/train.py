@@ -1,8 +1,8 @@
 """The COTS trainer: `train_and_evaluate(config, workdir)`, one linear function in banner
 sections (design §2), then the loop.
 
-  logging & workdir | mesh | data | VQ tokenizer | model & state | checkpoint | update step |
-  evals | compile | loop
+  logging & workdir | mesh | data | model & state (abstract) | checkpoint (resume, or a new state
+  with the frozen VQ tokenizer) | update step | evals | compile | loop
 
 The state is built by cots_jax/state.py (`build`), the step is cots_jax/step.py's, the evaluators
 are those the config names (cots_jax/evaluators/common.py); checkpoints, resume, init_from,
