@@ -208,7 +208,7 @@ def saved_tree(directory):
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
 
 
-def restore_tree(directory, target, what, partial=False, explain=None):
+def restore_tree(directory, target, what, partial=False, optional=(), explain=None):
   """Reads the Orbax item at `directory` into `target`: the one restore of the project.
 
   Each array is read straight into the shape and the sharding of its ShapeDtypeStruct in
@@ -222,6 +222,8 @@ def restore_tree(directory, target, what, partial=False, explain=None):
     what: how errors name the item (e.g. "checkpoint 20 in DIR", "config.init_from='run'").
     partial: True reads only the top-level subtrees of `target` (e.g. "params"), the others
       saved beside them are neither read nor reported.
+    optional: keys of the second level of `target` (e.g. "temporal" under "params") that the
+      item may lack; those it lacks are left out of what is read and of the result.
     explain: called with the differing leaf paths when the item does not fit; returns
       {path: note} (e.g. the config field that shapes that leaf) for the error's lines.
 
@@ -233,6 +235,10 @@ def restore_tree(directory, target, what, partial=False, explain=None):
     have the structure of `target` (compared with the item's metadata before anything is read).
   """
   saved = saved_tree(directory)
+  if optional:
+    target = {name: {key: value for key, value in tree.items()
+                     if key not in optional or key in saved.get(name, {})}
+              for name, tree in target.items()}
   if partial:
     saved = {key: saved.get(key, {}) for key in target}
   paths = differing_paths(target, saved)
@@ -329,13 +335,9 @@ def restore_params(path, target, step=None, what="checkpoint", optional=()):
                               f"{directory} (steps there: {sorted(steps)})")
   finally:
     manager.close()
-  item = directory / str(step) / "state"
-  saved = saved_tree(item)
-  target = {name: {key: value for key, value in tree.items()
-                   if key not in optional or key in saved.get(name, {})}
-            for name, tree in target.items()}
-  restored = restore_tree(item, target, f"{what}={str(path)!r} (step {step})", partial=True)
-  logging.info("Loaded %s from step %d of %s", " and ".join(target), step, directory)
+  restored = restore_tree(directory / str(step) / "state", target,
+                         f"{what}={str(path)!r} (step {step})", partial=True, optional=optional)
+  logging.info("Loaded %s from step %d of %s", " and ".join(restored), step, directory)
   return restored, step
 
 
