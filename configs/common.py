@@ -98,6 +98,14 @@ def model_config(size="tiny"):
   # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
   # size stays, position embeddings are interpolated to it) and its weights the tower's.
   m.image.init = ""
+  # "none" | "all" | "N": freeze the tower, or all but its top N blocks (and final norm), as
+  # open_clip's --lock-image (cots_jax/locking.py; named `locked` because ConfigDict.lock is a
+  # method that hides a field of that name from the command line). Projection heads always
+  # train. A frozen tower gets no gradient, no optimizer moments and no momentum copy; fully
+  # frozen without WST or a term that reads its tokens, its outputs are computed once and cached
+  # (feature_cache_dir).
+  m.image.locked = "none"
+  m.image.lock_random_ok = False  # allow locking a tower that neither init nor init_from gave
 
   m.text = ml_collections.ConfigDict()
   m.text.vocab_size = 30522
@@ -113,6 +121,9 @@ def model_config(size="tiny"):
   # A local Hugging Face BERT directory (config.json + model.safetensors; cots_jax/pretrained.py):
   # its sizes replace the ones above, its weights the tower's, its tokenizer the shipped one.
   m.text.init = ""
+  # As model.image.locked (open_clip's --lock-text and --lock-text-unlocked-layers).
+  m.text.locked = "none"
+  m.text.lock_random_ok = False
   return m
 
 
@@ -156,6 +167,10 @@ def base_config(size="tiny"):
   c.init_from_ema = False
   # True (configs/finetune_retrieval.py): refuse to start without init_from.
   c.require_init_from = False
+  # Where the pooled outputs of a fully locked tower are cached (cots_jax/feature_cache.py);
+  # "" = WORKDIR/feature_cache. Files are keyed by a fingerprint of the weights, the
+  # preprocessing and the examples, so runs can share a directory.
+  c.feature_cache_dir = ""
 
   c.model = model_config(size)
   c.vq = vq_config(size)
@@ -226,6 +241,10 @@ def base_config(size="tiny"):
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip = 1.0  # global norm; 0 = off.
+  # Learning-rate multipliers of each tower's trainable parameters (ALBEF-style lower lr for a
+  # pre-trained tower); heads and the rest train at optim.lr.
+  c.optim.lr_mult_image = 1.0
+  c.optim.lr_mult_text = 1.0
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 64 if size == "tiny" else 512  # global batch (pairs per step).
@@ -253,6 +272,13 @@ def base_config(size="tiny"):
   # one caption each), so each clip meets its twins as in-batch negatives.
   c.input.group_batches = False
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
+  # Decode every training image once, before training, and keep it in memory as uint8 downscaled
+  # to the shorter side from which the crops are still only downscaled (1.63 x image_size at
+  # crop_scale (0.5, 1)); an epoch then crops and flips from memory instead of decoding each file
+  # again. For image sets that fit in memory: a square photo takes 3 x (1.63 x image_size)^2
+  # bytes, at most its decoded size, so the 6,000 224 px Flickr8k train images take 107 MB at
+  # image_size 48, 861 MB at 224; each grain worker process holds a copy. Not for video.
+  c.input.cache_decoded = False
   c.input.prefetch = 2  # batches read ahead by threads; 0 = synchronous
   c.input.data = ml_collections.ConfigDict()
   # synthetic | captions_json | tfds; video: synthetic_video | msrvtt | frames_folder

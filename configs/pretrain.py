@@ -27,6 +27,7 @@ def flickr8k(config):
   data.images_dir = os.path.join(root, "images")
   data.train_splits, data.eval_split = ("train",), "test"
   config.input.augment = "crop_flip"
+  config.input.cache_decoded = True  # 6,000 photos decoded once: 107 MB at 48 px
   # Towers from scratch on 6,000 photos: ITC alone at lr 3e-4 learns them within the budget
   # (measured: t2i R@10 7.3% at 1,600 steps, where the full objective at lr 1e-3 reached 4.6% at
   # 800). 1,600 steps = 3.4 epochs of the 30,000 pairs at ~56 pairs/s: 32 minutes on 2 cores.

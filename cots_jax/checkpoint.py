@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from cots_jax import locking
 from cots_jax import paths
 
 # ------------------------------------------------------------------------------------- workdir
@@ -150,7 +151,7 @@ def save_checkpoint(manager, step, state, train_iter):
     FloatingPointError naming the step when a parameter is NaN or inf (nothing is saved).
     OSError when this save or the previous async one failed.
   """
-  if not bool(_all_finite({"params": state["params"], "params_ema": state["params_ema"]})):
+  if not bool(_all_finite({key: state[key] for key in ("params", "params_ema") if key in state})):
     raise FloatingPointError(
         f"non-finite parameters at step {step}; not saving them (the last good checkpoint, "
         f"step {manager.latest_step()}, is kept)")
@@ -252,14 +253,16 @@ def restore_tree(directory, target, what, partial=False, optional=(), explain=No
           partial_restore=partial))
 
 
-def restore_checkpoint(manager, abstract_state, train_iter, explain=None):
-  """Restores the latest complete checkpoint into `train_iter`; returns the state (or None).
+def restore_checkpoint(manager, abstract_state, train_iter=None, explain=None):
+  """Restores the state of the latest complete checkpoint, and the data position saved with it
+  into `train_iter` when given (else later, by `restore_data_position`); None when there is no
+  checkpoint.
 
   Args:
     manager: from `checkpoint_manager`.
     abstract_state: ShapeDtypeStructs with the shardings of the current mesh; the arrays are
       resharded to them, whatever mesh wrote the checkpoint.
-    train_iter: the grain iterator; set to the position saved with the state.
+    train_iter: the grain iterator, or None.
     explain: as `restore_tree`'s.
 
   Raises:
@@ -271,6 +274,16 @@ def restore_checkpoint(manager, abstract_state, train_iter, explain=None):
     return None
   state = restore_tree(manager.directory / str(step) / "state", abstract_state,
                        f"checkpoint {step} in {manager.directory}", explain=explain)
+  logging.info("Resumed from step %d of %s", step, manager.directory)
+  if train_iter is not None:
+    restore_data_position(manager, train_iter)
+  return state
+
+
+def restore_data_position(manager, train_iter):
+  """Sets `train_iter` to the data position saved with the latest checkpoint (when this many
+  processes saved it; otherwise the stream starts again, with a warning)."""
+  step = manager.latest_step()
   saved_by = _data_position_layout(manager.directory / str(step) / "data")
   if saved_by == jax.process_count():
     manager.restore(step, args=ocp.args.Composite(
@@ -280,8 +293,6 @@ def restore_checkpoint(manager, abstract_state, train_iter, explain=None):
         "checkpoint %d holds the data position of %s processes, this run has %d: the data "
         "stream starts again from its first example (an exact position across process counts "
         "is not built yet)", step, saved_by, jax.process_count())
-  logging.info("Resumed from step %d of %s", step, manager.directory)
-  return state
 
 
 def _data_position_layout(directory):
@@ -362,8 +373,9 @@ def load_towers(path, state, use_ema=False):
   Raises:
     as `restore_params`.
   """
-  names = ("params", "params_ema") if use_ema else ("params",)
-  target = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"]) for name in names}
+  target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"])}
+  if use_ema:
+    target["params_ema"] = jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params_ema"])
   restored, _ = restore_params(path, target, what="config.init_from",
                                optional=ADDED_BY_FINE_TUNING)
   fresh = sorted(set(state["params"]) - set(restored["params"]))
@@ -371,8 +383,10 @@ def load_towers(path, state, use_ema=False):
     logging.info("config.init_from has no %s: they start from their fresh initialisation",
                  ", ".join(fresh))
   params = {**state["params"], **restored["params"]}
+  if "params_ema" not in state:
+    return dict(state, params=params)
   params_ema = ({**state["params_ema"], **restored["params_ema"]} if use_ema
-                else jax.tree.map(jnp.copy, params))
+                else jax.tree.map(jnp.copy, locking.like(params, state["params_ema"])))
   return dict(state, params=params, params_ema=params_ema)
 
 

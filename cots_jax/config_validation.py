@@ -6,6 +6,7 @@ Every problem is reported as a `ValueError` with one line that names the field (
 import math
 import re
 
+from cots_jax import locking
 from cots_jax import losses
 from cots_jax import momentum
 from cots_jax import queue
@@ -88,6 +89,7 @@ def validate(config):
     if not 0.0 <= _get(config, dotted) <= 1.0:
       _fail(dotted, _get(config, dotted), "must lie in [0, 1]")
   _validate_model(config)
+  _validate_locks(config)
   _validate_training(config)
   _validate_input(config)
   _validate_sharding(config)
@@ -120,6 +122,28 @@ def _validate_model(config):
     if width % heads:
       _fail("model.wst_width", config.model.wst_width,
             f"(0 = the text width) gives {width}, not divisible by {heads} WST heads")
+
+
+def _validate_locks(config):
+  """Tower locks: a valid value, weights that are not random, lr multipliers > 0, and no term
+  whose gradient could reach nothing but its own head (design §9.2)."""
+  for tower in locking.TOWERS:
+    group = config.model[tower]
+    locking.tower_lock(config, tower)
+    if group.locked != locking.NONE and not (group.init or config.init_from
+                                           or group.lock_random_ok):
+      _fail(f"model.{tower}.locked", group.locked, f"freezes randomly initialised weights (neither "
+            f"config.model.{tower}.init nor config.init_from gives them); set "
+            f"--config.model.{tower}.lock_random_ok=True if that is meant")
+    if config.optim[f"lr_mult_{tower}"] <= 0:
+      _fail(f"optim.lr_mult_{tower}", config.optim[f"lr_mult_{tower}"], "must be > 0")
+  frozen = {tower: locking.fully_locked(config, tower) for tower in locking.TOWERS}
+  for term, own, other in (("mlm", "text", "image"), ("mvm", "image", "text")):
+    if config.loss[term] > 0 and frozen[own] and (
+        frozen[other] or config.model.mvlm_fusion == "none"):
+      _fail(f"loss.{term}", config.loss[term], f"can train nothing but its own head: the "
+            f"{own} tower is locked and the {other} tower's vector does not enter it (locked, or "
+            "model.mvlm_fusion='none'); set it to 0")
 
 
 def _validate_cookie(config):
@@ -175,6 +199,9 @@ def _validate_input(config):
                        ("loss.cookie_vv", "the image-image term needs images")):
       if _get(config, field) > 0:
         _fail(field, _get(config, field), f"must be 0 with video data ({why})")
+    if config.input.cache_decoded:
+      _fail("input.cache_decoded", True, "must be False with video data (only images are "
+            "cached; a clip's frames are read as sampled)")
   if data.name == "synthetic_video" and config.input.augment == "crop_flip" and (
       config.input.flip_prob > 0):
     _fail("input.flip_prob", config.input.flip_prob, "must be 0 for synthetic_video: a mirrored "

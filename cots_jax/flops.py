@@ -1,11 +1,15 @@
 """Analytic FLOP model of a COTS step (design §8.8), for MFU and for the TPU fit proof.
 
 A multiply-add counts as 2 FLOPs; a backward pass costs twice its forward. Every pass that the
-step runs is counted: clean online pair (forward + backward), momentum pair (forward), masked
-text and masked image passes with the MLM / MVM heads (forward + backward), the frozen VQ encoder
-(forward), the contrastive logits against batch and queue.
+step runs is counted: clean online pair (forward + backward, none below a locked tower's
+trainable blocks, nothing for a cached tower), momentum pair (forward, when a term reads it),
+masked text and masked image passes with the MLM / MVM heads (forward + backward; approximated
+as full backward also on a locked tower), the frozen VQ encoder (forward), the contrastive logits
+against batch and queue.
 """
 
+from cots_jax import locking
+from cots_jax import objectives
 from cots_jax import shapes
 from cots_jax.data import masking
 
@@ -51,18 +55,43 @@ def vq_encoder_forward_flops(config):
   return 2 * patches * per_patch
 
 
-def cots_step_flops_per_pair(config):
-  """FLOPs of one update step divided by the global batch, as a dict of parts and `total`."""
+def _tower_flops(config, tower, cached):
+  """(forward, backward) FLOPs of one example through `tower` in the clean online pass: none
+  for a cached tower; a locked tower's backward reaches only its trainable top blocks (the
+  blocks below and the embeddings need no gradient)."""
+  if tower in cached:
+    return 0, 0
+  forward = (image_tower_forward_flops(config) if tower == "image"
+             else text_tower_forward_flops(config))
+  if config.model[tower].locked == locking.NONE:
+    return forward, 2 * forward
+  group = config.model[tower]
+  tokens = shapes.num_patches(config) + 1 if tower == "image" else config.input.max_len
+  unlocked = locking.tower_lock(config, tower)
+  return forward, 2 * transformer_forward_flops(tokens, group.width, unlocked, group.mlp_ratio)
+
+
+def cots_step_flops_per_pair(config, cached=()):
+  """FLOPs of one update step divided by the global batch, as a dict of parts and `total`.
+
+  Follows the switches: locked towers (no backward below their trainable blocks), `cached`
+  towers (features.cached_towers: no tower pass at all), no momentum encoder
+  (objectives.reads_momentum False: no momentum pass, no queue logits) and the loss weights.
+  """
   image, text = config.model.image, config.model.text
-  pair_fwd = (image_tower_forward_flops(config) + text_tower_forward_flops(config)
-              + 2 * (image.width + text.width) * config.model.embed_dim)
-  # The i2t and t2i logit rows of this pair.
-  logits = 2 * 2 * config.model.embed_dim * shapes.contrastive_columns(config)
-  parts = {
-      "online_pair": 3 * pair_fwd,
-      "momentum_pair": pair_fwd,
-      "contrastive_logits": 3 * logits if (config.loss.itc > 0 or config.loss.kl_align > 0) else 0,
-  }
+  heads = 2 * (image.width + text.width) * config.model.embed_dim
+  (image_fwd, image_bwd), (text_fwd, text_bwd) = (_tower_flops(config, tower, cached)
+                                                  for tower in ("image", "text"))
+  pair_fwd = image_fwd + text_fwd + heads
+  parts = {"online_pair": pair_fwd + image_bwd + text_bwd + 2 * heads}
+  if objectives.reads_momentum(config):
+    parts["momentum_pair"] = pair_fwd
+    if config.loss.itc > 0 or config.loss.kl_align > 0:
+      # The i2t and t2i logit rows of this pair, forward and backward.
+      parts["contrastive_logits"] = 3 * 2 * 2 * config.model.embed_dim * (
+          shapes.contrastive_columns(config))
+  if config.loss.cookie_cm > 0 and not config.loss.cookie_use_queue:
+    parts["in_batch_logits"] = 3 * 2 * 2 * config.model.embed_dim * config.input.batch_size
   if config.loss.mlm > 0:
     predictions = masking.num_mlm_predictions(config.input.mlm_prob, config.input.max_len)
     parts["masked_text"] = 3 * (text_tower_forward_flops(config) + _head_flops(

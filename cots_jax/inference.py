@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from cots_jax import checkpoint
+from cots_jax import locking
 from cots_jax import paths
 from cots_jax import state as state_lib
 from cots_jax.data import eval_split
@@ -49,15 +50,16 @@ class TrainedRun:
   Attributes:
     config: the run's ConfigDict.
     step: the checkpoint's step.
-    params: {"params": online tree, "params_ema": momentum tree}, sharded on `mesh`.
+    params: {"params": online tree, "params_ema": momentum tree (the run has one)}, sharded on
+      `mesh`.
     mesh: the devices the embedders split batches over.
-    embed_fns: (embed_images, embed_texts) of `evaluators.common.make_embed_fns`.
+    embed_fns: the `EmbedFns` of `evaluators.common.make_embed_fns`.
   """
   config: ml_collections.ConfigDict
   step: int
   params: dict
   mesh: Any
-  embed_fns: tuple
+  embed_fns: evaluators_common.EmbedFns
   _tokenizer: Any = None
 
   @classmethod
@@ -79,13 +81,16 @@ class TrainedRun:
       config.mesh = (("data", -1),)
     built = state_lib.build(config, state_lib.make_mesh(config))
     params, step = checkpoint.restore_params(workdir, built.abstract_params, step, what="workdir")
-    return cls(built.config, step, params, built.mesh,
+    return cls(built.config, step, locking.encoder_trees(params), built.mesh,
                evaluators_common.make_embed_fns(built.model, built.mesh))
 
   def encoder_params(self, encoder="online"):
     """The parameter tree of `encoder` in ENCODERS ("online" or "momentum")."""
     if encoder not in ENCODERS:
       raise ValueError(f"encoder {encoder!r} is unknown; use one of {sorted(ENCODERS)}")
+    if ENCODERS[encoder] not in self.params:
+      raise ValueError(f"encoder {encoder!r}: this run has no momentum encoder (no loss term of "
+                       "its config read one); use the online encoder")
     return self.params[ENCODERS[encoder]]
 
   def image_transform(self):
@@ -95,9 +100,8 @@ class TrainedRun:
   def embed_images(self, images, encoder="online"):
     """float32 [n, H, W, 3] in [-1, 1] (from `image_transform`) -> unit embeddings [n, E],
     in batches of config.eval.batch_size."""
-    embed_images, _ = self.embed_fns
     params = self.encoder_params(encoder)
-    return _in_batches(lambda rows: embed_images(params, images[rows]), len(images),
+    return _in_batches(lambda rows: self.embed_fns.images(params, images[rows]), len(images),
                        self.config.eval.batch_size)
 
   def embed_texts(self, captions, encoder="online"):
@@ -105,10 +109,9 @@ class TrainedRun:
     if self._tokenizer is None:
       self._tokenizer = tokenizer_lib.load_tokenizer(self.config.input.tokenizer)
     ids, mask = tokenizer_lib.tokenize(self._tokenizer, captions, self.config.input.max_len)
-    _, embed_texts = self.embed_fns
     params = self.encoder_params(encoder)
-    return _in_batches(lambda rows: embed_texts(params, ids[rows], mask[rows]), len(captions),
-                       self.config.eval.batch_size)
+    return _in_batches(lambda rows: self.embed_fns.texts(params, ids[rows], mask[rows]),
+                       len(captions), self.config.eval.batch_size)
 
 
 def evaluate_checkpoint(config, workdir, step=None):

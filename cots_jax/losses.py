@@ -110,8 +110,10 @@ def itc_loss(logits_i2t, logits_t2i, targets, momentum_logits_i2t=None,
   return 0.5 * (ce_i2t + ce_t2i)
 
 
-def info_nce(a, b, temp):
-  """Symmetric in-batch InfoNCE ½·[CE(a·bᵀ/τ, diag) + CE(b·aᵀ/τ, diag)] per pair (method §4.18).
+def info_nce(a, b, temp, image_ids=None):
+  """Symmetric in-batch InfoNCE ½·[CE(a·bᵀ/τ, P) + CE(b·aᵀ/τ, Pᵀ)] per pair (method §4.18), with
+  P the identity, or with `image_ids` the rows of every pair of the same image (multi-positive:
+  the target mass is spread uniformly over them, as `itc_targets`).
 
   COOKIE's three terms: cross-modal (a = image, b = text embeddings), image-image (two views),
   text-text (two dropout passes), or WST-level against encoder-level embeddings ("cross_model").
@@ -120,15 +122,20 @@ def info_nce(a, b, temp):
     a, b: [B, D] L2-normalised embeddings; row i of `a` and row i of `b` are the positive pair,
       every other row of the batch a negative. Gradients flow into both.
     temp: scalar temperature (may be traced).
+    image_ids: None, or [B] int image id of each pair (multi-positive targets).
 
   Returns:
     [B] float32 per-pair loss.
   """
   logits = a.astype(jnp.float32) @ b.astype(jnp.float32).T / temp
-  diagonal = jnp.diagonal(logits)
-  ce_ab = jax.nn.logsumexp(logits, axis=1) - diagonal
-  ce_ba = jax.nn.logsumexp(logits, axis=0) - diagonal
-  return 0.5 * (ce_ab + ce_ba)
+  if image_ids is None:
+    diagonal = jnp.diagonal(logits)
+    ce_ab = jax.nn.logsumexp(logits, axis=1) - diagonal
+    ce_ba = jax.nn.logsumexp(logits, axis=0) - diagonal
+    return 0.5 * (ce_ab + ce_ba)
+  match = (image_ids[:, None] == image_ids[None, :]).astype(jnp.float32)
+  targets = match / jnp.sum(match, axis=1, keepdims=True)  # symmetric match: rows = columns
+  return 0.5 * (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.T, targets))
 
 
 def _kl(log_target, log_pred, stopgrad_target):

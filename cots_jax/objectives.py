@@ -62,40 +62,51 @@ class Passes:
 
   def encode(self, params, batch, rng=None):
     """Clean pass of both towers -> (v [B, E], t [B, E], image global [B, Di], text global
-    [B, Dt])."""
+    [B, Dt]). A tower whose pooled outputs the batch carries (`image_features` [B, Di] /
+    `text_features` [B, Dt], cached outputs of a fully locked tower: cots_jax/features.py) runs
+    its projection head only."""
     rng_image, rng_text = jax.random.split(rng) if rng is not None else (None, None)
-    v, image_global = self.apply(params, self.model.visual_embedding,
-                                 pipeline.visual_input(batch), rng=rng_image)
-    t, text_global = self.apply(params, self.model.text_embedding, batch["text_ids"],
-                                batch["text_mask"], rng=rng_text)
+    if "image_features" in batch:
+      image_global = batch["image_features"]
+      v = self.apply(params, self.model.embed_image, image_global)
+    else:
+      v, image_global = self.apply(params, self.model.visual_embedding,
+                                   pipeline.visual_input(batch), rng=rng_image)
+    if "text_features" in batch:
+      text_global = batch["text_features"]
+      t = self.apply(params, self.model.embed_text, text_global)
+    else:
+      t, text_global = self.apply(params, self.model.text_embedding, batch["text_ids"],
+                                  batch["text_mask"], rng=rng_text)
     return v, t, image_global, text_global
 
 
 @dataclasses.dataclass(frozen=True)
 class Encodings:
   """The clean passes of one step, online and momentum (`_m`, no gradient), and what the
-  instance-level terms share.
+  instance-level terms share. Without a momentum encoder (`reads_momentum` False) the momentum
+  fields and the logits are None and every pair weight is 1.
 
   Attributes:
     v, t: [B, E] unit image / text embeddings; v_m, t_m: the momentum ones (the keys).
     image_global, text_global: [B, D] the towers' global vectors; *_m: the momentum ones.
     temp: the contrastive temperature (scalar).
+    pair_weights: [B] the AMF weights.
     logits_i2t, logits_t2i: [B, C] online queries against the momentum keys of the batch and
       the queue (C = shapes.contrastive_columns).
-    pair_weights: [B] the AMF weights.
   """
   v: jax.Array
   t: jax.Array
   image_global: jax.Array
   text_global: jax.Array
-  v_m: jax.Array
-  t_m: jax.Array
-  image_global_m: jax.Array
-  text_global_m: jax.Array
   temp: jax.Array
-  logits_i2t: jax.Array
-  logits_t2i: jax.Array
   pair_weights: jax.Array
+  v_m: Optional[jax.Array] = None
+  t_m: Optional[jax.Array] = None
+  image_global_m: Optional[jax.Array] = None
+  text_global_m: Optional[jax.Array] = None
+  logits_i2t: Optional[jax.Array] = None
+  logits_t2i: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +149,8 @@ def cookie_cm(c):
   `cookie_use_queue` the queued ITC (method §2.3)."""
   if c.config.loss.cookie_use_queue:
     return itc(c)
-  return PairLoss(losses.info_nce(c.enc.v, c.enc.t, c.enc.temp))
+  image_ids = c.batch["image_id"] if c.config.queue.multi_positive else None
+  return PairLoss(losses.info_nce(c.enc.v, c.enc.t, c.enc.temp, image_ids))
 
 
 def _views_rngs(c):
@@ -225,3 +237,15 @@ TERMS = {"itc": itc, "cookie_cm": cookie_cm, "cookie_vv": cookie_vv, "cookie_tt"
 def active_terms(config):
   """{name: term} of the terms whose weight is > 0, in the order of TERMS."""
   return {name: term for name, term in TERMS.items() if config.loss[name] > 0}
+
+
+def reads_momentum(config):
+  """True when some part of the step reads the momentum towers or the queues: ITC and KL
+  alignment (their logits are against the momentum keys and queues), COOKIE's cross-modal term
+  in its queued form, MLM / MVM conditioned on the momentum pass, or the AMF (it filters by the
+  momentum pair similarity). Otherwise (COOKIE's in-batch terms, a LiT recipe) neither the
+  momentum towers nor the queues are computed or stored (design §9.2)."""
+  loss, model = config.loss, config.model
+  return (loss.itc > 0 or loss.kl_align > 0 or (loss.cookie_cm > 0 and loss.cookie_use_queue)
+          or ((loss.mlm > 0 or loss.mvm > 0) and model.mvlm_global_src == "momentum")
+          or config.amf.enabled)

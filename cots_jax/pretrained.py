@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from cots_jax import locking
 from cots_jax import paths
 from cots_jax import shapes
 from cots_jax.models import bert as bert_lib
@@ -488,7 +489,8 @@ def _update(group, sizes, name, source):
 
 
 def init_pretrained_towers(config, state):
-  """`state` with the towers of `model.text.init` / `model.image.init` in params and params_ema.
+  """`state` with the towers of `model.text.init` / `model.image.init` in params (and the
+  momentum copy of their trainable leaves in params_ema).
 
   The loaded arrays take the shardings of the fresh ones (every process reads the same files);
   the parameters a checkpoint lacks (the ViT's [MASK] token, say) and the rest of the state are
@@ -510,6 +512,8 @@ def init_pretrained_towers(config, state):
       continue
     loaded, missing, unused = load(state["params"][tower])
     _report(f"model.{tower}.init", source, missing, unused)
-    state = dict(state, **{key: {**state[key], tower: _merged(state[key][tower], loaded, place)}
-                           for key in ("params", "params_ema")})
+    params = {**state["params"], tower: _merged(state["params"][tower], loaded, place)}
+    state = dict(state, params=params)
+    if "params_ema" in state:  # the momentum copy of the loaded tower's trainable leaves
+      state["params_ema"] = jax.tree.map(jnp.copy, locking.like(params, state["params_ema"]))
   return state

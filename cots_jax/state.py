@@ -8,7 +8,9 @@ through it, so they all see the same state; `Built.initial_state()` materialises
 fresh run starts from (public weights of `model.*.init`, then the run of `init_from`).
 
 The state is a plain dict (design §3):
-  step, params, params_ema, opt, queue, amf, vq, rng, data_skipped.
+  step, params, params_ema, opt, queue, amf, vq, rng, data_skipped
+where params_ema holds the trainable leaves only, and it and the queue are left out when no loss
+term reads the momentum towers (design §9.2).
 """
 
 import dataclasses
@@ -24,7 +26,9 @@ import optax
 from configs import common
 from cots_jax import checkpoint
 from cots_jax import config_validation
+from cots_jax import locking
 from cots_jax import losses
+from cots_jax import objectives
 from cots_jax import pretrained
 from cots_jax import queue as queue_lib
 from cots_jax import shapes
@@ -55,13 +59,39 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _adamw(config, lr_mult=1.0):
+  """AdamW on the warm-up + cosine schedule scaled by `lr_mult`, decaying `weight_decay_mask`."""
+  base = learning_rate_schedule(config)
+
+  def schedule(step):
+    return lr_mult * base(step)
+
+  return optax.adamw(schedule if lr_mult != 1 else base, b1=config.optim.b1, b2=config.optim.b2,
+                     weight_decay=config.optim.weight_decay, mask=weight_decay_mask)
+
+
 def make_optimizer(config):
   """AdamW on the warm-up + cosine schedule, after global-norm clipping when `optim.grad_clip`
-  > 0."""
-  adamw = optax.adamw(learning_rate_schedule(config), b1=config.optim.b1, b2=config.optim.b2,
-                      weight_decay=config.optim.weight_decay, mask=weight_decay_mask)
-  if config.optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), adamw)
+  > 0.
+
+  With a locked tower or a tower learning-rate multiplier (`optim.lr_mult_image` /
+  `lr_mult_text`), an optax `multi_transform` over the groups of `locking.optimizer_group`:
+  locked leaves get `set_to_zero` (no moments stored), each tower its own scaled AdamW. Without
+  either, a single AdamW, so the state of runs that predate the groups restores unchanged.
+  """
+  optim = config.optim
+  if locking.any_locked(config) or optim.lr_mult_image != 1 or optim.lr_mult_text != 1:
+    def labels(params):
+      return traverse_util.unflatten_dict({
+          path: locking.optimizer_group(config, path)
+          for path in traverse_util.flatten_dict(params)})
+    adamw = optax.multi_transform(
+        {"locked": optax.set_to_zero(), "image": _adamw(config, optim.lr_mult_image),
+         "text": _adamw(config, optim.lr_mult_text), "rest": _adamw(config)}, labels)
+  else:
+    adamw = _adamw(config)
+  if optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
   return adamw
 
 
@@ -104,6 +134,9 @@ def init_params(config, model, rng):
 def init_state(config, model, optimizer, vq_variables, rng):
   """The whole train state as a plain dict (design §3); jit this with `out_shardings`.
 
+  `params_ema` holds the trainable leaves only (locking.py), and it and the queues exist only
+  when a loss term reads them (`objectives.reads_momentum`).
+
   Args:
     config: the run's ConfigDict.
     model: a `CotsModel`.
@@ -113,17 +146,19 @@ def init_state(config, model, optimizer, vq_variables, rng):
   """
   init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
   params = init_params(config, model, init_rng)
-  return {
+  state = {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
-      "params_ema": jax.tree.map(jnp.copy, params),
       "opt": optimizer.init(params),
-      "queue": queue_lib.init_queue(config.queue.size, config.model.embed_dim, queue_rng),
       "amf": losses.amf_init(),
       "vq": vq_variables,
       "rng": state_rng,
       "data_skipped": jnp.zeros((), jnp.int32),  # bad input examples skipped so far, all hosts
   }
+  if objectives.reads_momentum(config):
+    state["params_ema"] = jax.tree.map(jnp.copy, locking.trainable_leaves(config, params))
+    state["queue"] = queue_lib.init_queue(config.queue.size, config.model.embed_dim, queue_rng)
+  return state
 
 
 def with_shardings(abstract, config, mesh):
@@ -185,8 +220,9 @@ class Built:
 
   @property
   def abstract_params(self):
-    """{"params", "params_ema"} of `abstract`: what inference restores from a checkpoint."""
-    return {key: self.abstract[key] for key in ("params", "params_ema")}
+    """{"params", "params_ema"} of `abstract` (params alone without a momentum encoder): what
+    inference restores from a checkpoint."""
+    return {key: self.abstract[key] for key in ("params", "params_ema") if key in self.abstract}
 
   def with_vq(self, vq_variables):
     """This `Built` with the frozen tokenizer `vq_variables` (host-local or global arrays of

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from cots_jax import config_validation
+from cots_jax import locking
 from cots_jax import losses
 from cots_jax import momentum as momentum_lib
 from cots_jax import objectives
@@ -22,6 +23,14 @@ from cots_jax import state as state_lib
 
 # The step's keys, split from its own key in this order.
 STEP_RNGS = ("clean", "mlm", "mvm", "intra")
+
+
+def clamp_temperature(config, params):
+  """`params` with a learnable `temp` clipped to [temp.min, temp.max] after the update (ALBEF),
+  so the parameter itself never drifts past a bound where its gradient would vanish."""
+  if not config.temp.learnable:
+    return params
+  return dict(params, temp=jnp.clip(params["temp"], config.temp.min, config.temp.max))
 
 
 def temperature(config, params):
@@ -34,7 +43,8 @@ def temperature(config, params):
 def encodings(passes, params, params_ema, state, batch, rng):
   """The clean online (dropout from `rng`) and momentum passes, the logits of the online
   queries against the momentum keys and the queues, and the AMF weights from the momentum pair
-  similarity (design §8.2).
+  similarity (design §8.2). Without a momentum encoder (`params_ema` None) the online pass
+  alone, every pair weight 1.
 
   Returns:
     (objectives.Encodings, the AMF statistics after this batch).
@@ -42,6 +52,10 @@ def encodings(passes, params, params_ema, state, batch, rng):
   config = passes.config
   temp = temperature(config, params)
   v, t, image_global, text_global = passes.encode(params, batch, rng)
+  if params_ema is None:
+    return objectives.Encodings(
+        v=v, t=t, image_global=image_global, text_global=text_global, temp=temp,
+        pair_weights=jnp.ones(v.shape[:1], jnp.float32)), state["amf"]
   v_m, t_m, image_global_m, text_global_m = jax.tree.map(
       jax.lax.stop_gradient, passes.encode(params_ema, batch))
   scores = jnp.sum(v_m * t_m, axis=-1)
@@ -61,15 +75,21 @@ def encodings(passes, params, params_ema, state, batch, rng):
 def make_loss_fn(config, model):
   """`loss_fn(params, params_ema, state, batch, rng) -> (loss, aux)`: the weighted sum of the
   active terms (objectives.active_terms), each reduced with the pairs' AMF weights; aux holds
-  the terms, the AMF statistics and weights, the momentum keys and the temperature."""
+  the terms, the AMF statistics and weights, the momentum keys and the temperature.
+
+  `params_ema` holds the momentum values of the trainable leaves (None without a momentum
+  encoder); locked leaves are read under stop_gradient, online and momentum alike."""
   passes = objectives.Passes(config, model)
   terms = objectives.active_terms(config)
 
   def loss_fn(params, params_ema, state, batch, rng):
+    params = locking.stop_locked(config, params)
+    if params_ema is not None:
+      params_ema = locking.momentum_tree(params, params_ema)
     rngs = dict(zip(STEP_RNGS, jax.random.split(rng, len(STEP_RNGS))))
     enc, amf_stats = encodings(passes, params, params_ema, state, batch, rngs["clean"])
-    context = objectives.Context(config, passes, params, batch, enc, state["queue"], state["vq"],
-                                 rngs)
+    context = objectives.Context(config, passes, params, batch, enc, state.get("queue"),
+                                 state["vq"], rngs)
     values = {name: objectives.reduce(term(context), enc.pair_weights)
               for name, term in terms.items()}
     loss = sum(config.loss[name] * value for name, value in values.items())
@@ -95,21 +115,24 @@ def make_update_fn(config, model, optimizer):
     decay = momentum_lib.momentum_decay(
         state["step"], config.momentum.decay, config.momentum.schedule,
         config.momentum.final_decay, config.total_steps)
-    # The momentum towers move before the key forward (method §4.4, BriVL / ALBEF).
-    params_ema = momentum_lib.ema_update(state["params_ema"], state["params"], decay)
+    params_ema = None
+    if "params_ema" in state:
+      # The momentum towers move before the key forward (method §4.4, BriVL / ALBEF).
+      params_ema = momentum_lib.ema_update(
+          state["params_ema"], locking.like(state["params"], state["params_ema"]), decay)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], params_ema, state, batch, step_rng)
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-
-    v_m, t_m = aux["keys"]
-    enqueue_valid = (jnp.ones_like(aux["pair_w"], bool) if config.amf.enqueue_filtered
-                     else aux["pair_w"] > 0)
-    queue = queue_lib.enqueue(state["queue"], v_m, t_m, batch["image_id"], enqueue_valid)
+    params = clamp_temperature(config, optax.apply_updates(state["params"], updates))
     data_skipped = state["data_skipped"] + jnp.sum(batch["skipped"])
-    new_state = dict(state, step=state["step"] + 1, params=params, params_ema=params_ema,
-                     opt=opt, queue=queue, amf=aux["amf_stats"], rng=rng,
-                     data_skipped=data_skipped)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt=opt,
+                     amf=aux["amf_stats"], rng=rng, data_skipped=data_skipped)
+    if params_ema is not None:
+      v_m, t_m = aux["keys"]
+      enqueue_valid = (jnp.ones_like(aux["pair_w"], bool) if config.amf.enqueue_filtered
+                       else aux["pair_w"] > 0)
+      new_state.update(params_ema=params_ema, queue=queue_lib.enqueue(
+          state["queue"], v_m, t_m, batch["image_id"], enqueue_valid))
     metrics = {f"train/{name}": value for name, value in aux["terms"].items()}
     metrics.update({
         "train/loss": loss,

@@ -1,8 +1,9 @@
 """The COTS trainer: `train_and_evaluate(config, workdir)`, one linear function in banner
 sections (design §2), then the loop.
 
-  logging & workdir | mesh | data | model & state (abstract) | checkpoint (resume, or a new state
-  with the frozen VQ tokenizer) | update step | evals | compile | loop
+  logging & workdir | mesh | eval data | model & state (abstract) | checkpoint (resume, or a new
+  state with the frozen VQ tokenizer) | training stream (with cached features) | update step |
+  evals | compile | loop
 
 The state is built by cots_jax/state.py (`build`), the step is cots_jax/step.py's, the evaluators
 are those the config names (cots_jax/evaluators/common.py); checkpoints, resume, init_from,
@@ -22,6 +23,7 @@ from orbax.checkpoint import multihost as ocp_multihost
 import tqdm
 
 from cots_jax import checkpoint
+from cots_jax import features
 from cots_jax import sharding
 from cots_jax import state as state_lib
 from cots_jax import step as step_lib
@@ -65,9 +67,8 @@ def _train_and_evaluate(config, workdir, preemption):
   # --- mesh
   mesh = state_lib.make_mesh(config)
 
-  # --- data
-  train_iter = pipeline.make_train_iterator(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
+  # --- data: the eval split (the training stream follows the state, which a locked tower's
+  # cached features come from)
   split = eval_split.make_eval_split(config)
 
   # --- model & state, abstract (nothing is allocated; the VQ tokenizer of the configured shape)
@@ -80,13 +81,24 @@ def _train_and_evaluate(config, workdir, preemption):
   # the frozen VQ tokenizer, trained first in this workdir when config.vq.init is empty
   manager = checkpoint.checkpoint_manager(workdir, config)
   checkpoint.check_free_space(str(manager.directory), checkpoint.state_bytes(built.abstract))
-  if manager.latest_step() is not None:
+  resuming = manager.latest_step() is not None
+  if resuming:
     state = checkpoint.restore_checkpoint(
-        manager, built.abstract, train_iter,
-        explain=state_lib.shape_change_explainer(saved_config, config, mesh))
+        manager, built.abstract, explain=state_lib.shape_change_explainer(saved_config, config,
+                                                                          mesh))
   else:
     vq_variables = vq_trainer.obtain_tokenizer(config, workdir, writer)
     state = built.with_vq(vq_variables).initial_state()
+
+  # --- training stream, with the cached features of fully locked towers (computed once)
+  tables = features.feature_tables(config, built.model, state["params"], split, workdir)
+  if tables is not None:
+    split.attach_features(tables.eval)
+  train_iter = pipeline.make_train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      features=tables.train if tables else None)
+  if resuming:
+    checkpoint.restore_data_position(manager, train_iter)
   if is_chief:
     checkpoint.write_config(workdir, config)
   start_step = int(jax.device_get(state["step"]))
@@ -103,6 +115,9 @@ def _train_and_evaluate(config, workdir, preemption):
   # --- evals
   evaluators = evaluators_common.from_config(config, split)
   embed_fns = evaluators_common.make_embed_fns(built.model, mesh)
+  if "params_ema" not in state:
+    logging.info("no loss term reads the momentum towers: they and the queues are not kept, and "
+                 "evals report the online encoder only")
 
   # --- compile the step before the loop, then wait for every process: CPU (gloo) collectives
   # give up when the processes reach the first one more than 30 s apart.

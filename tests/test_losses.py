@@ -164,6 +164,27 @@ def test_info_nce_matches_numpy_both_directions():
   assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)
 
 
+def test_multi_positive_info_nce_spreads_the_target_over_the_pairs_of_one_image():
+  """With image ids, every pair of the same image is a positive: target mass 1/m on each of
+  the m columns of the row's image, both ways; a float64 numpy reference."""
+  rng = np.random.default_rng(5)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  a, b = (unit(rng.normal(size=(6, 8))).astype(np.float32) for _ in range(2))
+  ids = np.array([7, 3, 7, 1, 3, 7], np.int32)
+  logits = np.float64(a) @ np.float64(b).T / 0.05
+  log_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  log_cols = (logits - np.log(np.exp(logits).sum(0, keepdims=True))).T
+  same = np.float64(ids[:, None] == ids[None, :])
+  target = same / same.sum(1, keepdims=True)
+  want = -0.5 * ((target * log_rows).sum(1) + (target * log_cols).sum(1))
+  got = losses.info_nce(jnp.asarray(a), jnp.asarray(b), 0.05, jnp.asarray(ids))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  single = losses.info_nce(jnp.asarray(a), jnp.asarray(b), 0.05)
+  assert np.abs(np.asarray(got) - np.asarray(single)).max() > 0.1
+  # Distinct ids are the single-positive loss.
+  np.testing.assert_allclose(losses.info_nce(a, b, 0.05, jnp.arange(6)), single, rtol=1e-5)
+
+
 
 @pytest.mark.parametrize("direction", losses.KL_DIRECTIONS)
 def test_kl_alignment_matches_numpy(direction):

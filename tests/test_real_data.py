@@ -18,6 +18,7 @@ from cots_jax.data import eval_split
 from cots_jax.data import pipeline
 from cots_jax.data import registry
 from cots_jax.data import sources
+from cots_jax.data import transforms
 from cots_jax.metrics_writer import read_metrics
 from support import shared_dataset_dir
 
@@ -124,8 +125,9 @@ def test_bad_examples_are_skipped_counted_and_named(dataset_dir, caplog):
   num_good = NUM_PAIRS - NUM_BAD
   with caplog.at_level(logging.WARNING):
     batches = _epoch(pipeline.make_train_iterator(config), num_good)
-  source = registry.make_source(config, "train")
-  names = [os.path.basename(source[int(i)]["name"]) for b in batches for i in b["image_id"]]
+  # image_id is the position in the annotations, where the train entries come first.
+  names_by_id = list({**GOOD, **BAD_FILES, **BLANK})
+  names = [names_by_id[i] for b in batches for i in b["image_id"]]
   # The first epoch holds every good pair once and no bad one (it ends inside the last batch).
   first_epoch = names[:num_good]
   expected = {n: len(c) for n, (_, c) in GOOD.items()} | {"white.png": 1}
@@ -235,3 +237,52 @@ def test_flickr8k_config_reads_the_shared_data(monkeypatch):
   size = config.model.image.image_size
   assert batch["image"].shape == (8, size, size, 3) and int(batch["skipped"].sum()) == 0
   assert -1 <= batch["image"].min() < batch["image"].max() <= 1
+
+
+def _flickr8k_config(monkeypatch):
+  """configs/pretrain.py:data=flickr8k on the shared copy, shrunk to 24 px batches of 8."""
+  monkeypatch.setenv("COTS_DATA_DIR", os.path.dirname(shared_dataset_dir("flickr8k")))
+  config = pretrain.get_config("data=flickr8k")
+  config.model.image.image_size, config.model.image.patch_size = SIZE, 8
+  config.input.batch_size, config.input.mvm_min_block = 8, 2
+  return config
+
+
+def test_flickr8k_test_image_ids_never_occur_in_the_training_stream(monkeypatch):
+  """Ids are unique over the dataset: none of the 1000 test images shares an id with any of the
+  6000 train images (all their pairs) or with the images of a few training batches."""
+  config = _flickr8k_config(monkeypatch)
+  train_source = registry.make_source(config, "train")
+  eval_source = registry.make_source(config, "eval")
+  test_ids = {eval_source[i]["image_id"] for i in range(len(eval_source))}
+  train_ids = {train_source[int(i)]["image_id"]
+               for i in np.unique(pipeline.pair_table(train_source)[:, 0])}
+  assert (len(test_ids), len(train_ids)) == (1000, 6000) and not test_ids & train_ids
+  iterator = pipeline.make_train_iterator(config)
+  stream_ids = {int(i) for _ in range(3) for i in next(iterator)["image_id"]}
+  assert stream_ids <= train_ids and not stream_ids & test_ids
+
+
+def test_flickr8k_crops_of_decoded_once_photos_match_crops_of_the_files(monkeypatch):
+  """input.cache_decoded on real photos: the same crops and flips (one seed per image), taken
+  from images decoded and downscaled once, keep the pixels, the mean and the contrast of the
+  crops of the decoded files (in uint8 levels)."""
+  config = _flickr8k_config(monkeypatch)
+  transform = transforms.ImageTransform.for_training(config)
+  files = registry.make_source(config, "train")
+
+  class First64:
+    def __len__(self):
+      return 64
+
+    def __getitem__(self, index):
+      return files[index]
+  cached = sources.DecodedImages(First64(), transform.min_input_side())
+  plain, from_cache = [], []
+  for i in range(len(cached)):
+    item = cached[i]
+    plain.append(transform(files[i]["image"], "", np.random.default_rng(i)))
+    from_cache.append(transform(item["image"], "", np.random.default_rng(i), item["full_size"]))
+  plain, from_cache = np.stack(plain) * 127.5, np.stack(from_cache) * 127.5  # uint8 levels
+  assert np.abs(plain - from_cache).mean() < 2
+  assert abs(plain.mean() - from_cache.mean()) < 0.5 and abs(plain.std() - from_cache.std()) < 1

@@ -52,7 +52,7 @@ def run_steps(config, steps=STEPS):
     losses.append(float(metrics["train/loss"]))
   # The evaluators' embedders split each eval batch (7 rows: padded to the device count) over
   # the mesh.
-  embed_images, embed_texts = evaluators_common.make_embed_fns(built.model, mesh)
+  embed_images, embed_texts = evaluators_common.make_embed_fns(built.model, mesh)[:2]
   split = eval_split.make_eval_split(config, batch_size=7)
   eval_img = retrieval.embed_dataset(lambda b: embed_images(state["params"], b["image"]),
                                      split.image_batches())

@@ -103,12 +103,32 @@ def test_captions_json_items_are_the_undecoded_file_bytes(captions_tree):
     i = kept.index(relative_path)
     item = source[i]
     path = os.path.join(images_dir, relative_path)
-    assert item["name"] == path and item["image_id"] == i
+    assert item["name"] == path and item["image_id"] == entry_index  # the file position
     assert item["captions"] == [s["raw"] for s in _ENTRIES[entry_index][0]["sentences"]]
     with open(path, "rb") as f:
       assert item["image"] == f.read()
   png = source[kept.index("a.png")]["image"]
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), _random_image(0, 6, 8))
+
+
+def test_captions_json_image_ids_are_file_positions_unique_over_splits(tmp_path):
+  """Train image 0 and test image 0 get different ids: each is its entry's position in the
+  whole `images` list, whichever splits the source holds."""
+  splits = ["test", "train", "train", "test", "val", "train"]
+  (tmp_path / "images").mkdir()
+  entries = []
+  for position, split in enumerate(splits):
+    (tmp_path / "images" / f"{position}.png").write_bytes(
+        _encoded(_random_image(position, 4, 5), "PNG"))
+    entries.append({"filename": f"{position}.png", "split": split,
+                    "sentences": [{"raw": f"picture {position}"}]})
+  (tmp_path / "ann.json").write_text(json.dumps({"images": entries}))
+
+  def ids(split_names):
+    source = sources.CaptionsJson(tmp_path / "ann.json", tmp_path / "images", split_names)
+    return [source[i]["image_id"] for i in range(len(source))]
+  assert ids("train") == [1, 2, 5] and ids("test") == [0, 3] and ids("val") == [4]
+  assert ids(("train", "test")) == [0, 1, 2, 3, 5]
 
 
 def test_a_single_split_name_is_the_same_as_a_tuple_of_it(captions_tree):
@@ -215,6 +235,8 @@ def test_real_flickr8k_annotations():
     for line in f.read().splitlines()[1:]:
       filename, _, _, caption = line.split("\t")
       captions_by_file.setdefault(filename, []).append(caption)
+  with open(annotations, encoding="utf-8") as f:
+    entries = json.load(f)["images"]
   for split, size in (("train", 6000), ("dev", 1000), ("test", 1000)):
     source = sources.CaptionsJson(annotations, images_dir, (split,))
     assert len(source) == size
@@ -225,7 +247,8 @@ def test_real_flickr8k_annotations():
     assert all(source.captions(i) == captions_by_file[name] for i, name in enumerate(filenames))
     first = source[0]
     assert os.path.isfile(first["name"]) and first["image"][:3] == b"\xff\xd8\xff"  # a JPEG
-    assert first["captions"] == captions_by_file[filenames[0]] and first["image_id"] == 0
+    assert first["captions"] == captions_by_file[filenames[0]]
+    assert first["image_id"] == [e["split"] for e in entries].index(split)
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -380,6 +403,29 @@ def test_make_source_tfds(tfds_dir):
     assert isinstance(source, sources.TfdsCaptions)
     assert len(source) == len(_TFDS_SPLITS[split])
     assert source[0]["image_id"] - 1000 in _TFDS_SPLITS[split]
+
+
+@pytest.mark.parametrize("fields", [
+    {"name": "synthetic", "num_train_images": 6, "num_eval_images": 4},
+    {"name": "synthetic_video", "num_train_images": 8, "num_eval_images": 4, "clip_frames": 2},
+    {"name": "tfds", "tfds_name": "tiny_plain_captions"}])
+def test_make_source_numbers_the_eval_images_after_the_train_images(tfds_dir, fields):
+  """Sources whose splits count from 0 on their own (synthetic ones; tfds records without
+  `image/id`) give eval image i the id (train size) + i, so no id means two images."""
+  config = _data_config(tfds_data_dir=tfds_dir, **fields)
+  train, evaluation = (registry.make_source(config, kind) for kind in ("train", "eval"))
+  assert [train[i]["image_id"] for i in range(len(train))] == list(range(len(train)))
+  assert [evaluation[i]["image_id"] for i in range(len(evaluation))] == list(
+      range(len(train), len(train) + len(evaluation)))
+
+
+def test_tfds_image_ids_outside_int32_are_refused():
+  source = sources.TfdsCaptions("any", "train", None)
+  record = {"image": _tfds_image(0), "captions": [b"a picture"], "image/id": 2**31}
+  source._data_source = [record]  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"any/train\[0\]: image_id 2147483648 is not a "
+                                       "non-negative int32"):
+    source[0]  # pylint: disable=pointless-statement
 
 
 @pytest.mark.parametrize("fields, split_kind, message", [

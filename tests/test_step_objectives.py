@@ -393,3 +393,36 @@ def test_directional_kl_and_itc_in_the_one_plus_k_layout(world):
                                 "queue.in_batch_negatives": False, "kl.direction": "t2i_to_i2t",
                                 "loss.mlm": 0.0, "loss.mvm": 0.0}))
   assert abs(reverse["kl_align"] - terms["kl_align"]) > 1e-2 * terms["kl_align"]
+
+
+def test_multi_positive_itc_counts_the_queued_caption_of_the_same_image_as_a_positive(world):
+  """Pre-training with queue.multi_positive: a queue slot holding another caption of pair 0's
+  image is a positive of pair 0 (ALBEF idx_queue); the loss is the numpy cross-entropy against
+  the target spread over the row's positives, and differs from the single-positive loss."""
+  config = state_lib.prepare_config(objectives_config(**{
+      "queue.multi_positive": True, "loss.mlm": 0.0, "loss.mvm": 0.0, "loss.kl_align": 0.0}))
+  state = _tree_copy(world.state)
+  state["queue"]["idx"][[1, 5]] = world.batch["image_id"][0]  # slot 1 valid, slot 5 valid
+  state["queue"]["idx"][3] = world.batch["image_id"][0]  # an invalid slot is never a positive
+  update = jax.jit(step_lib.make_update_fn(config, world.model, world.optimizer))
+  _, metrics = world.run(state=state, update=update)
+
+  online, momentum = world.forward(state["params"], world.batch), world.forward(
+      ema_after_update(state), world.batch)
+  queue, temp, ids = state["queue"], config.temp.init, world.batch["image_id"]
+  l_i2t = np_logits(online["v"], momentum["t"], queue["txt"], queue["valid"], temp, True)
+  l_t2i = np_logits(online["t"], momentum["v"], queue["img"], queue["valid"], temp, True)
+  match = np.concatenate([ids[:, None] == ids[None, :],
+                          (ids[:, None] == queue["idx"][None, :]) & queue["valid"][None, :]], 1)
+  b = len(ids)
+  assert match[0, b + 1] and match[0, b + 5] and not match[0, b + 3]
+  target = match / match.sum(1, keepdims=True)
+
+  def cross_entropy(logits):
+    log_p = np_log_softmax(logits)
+    return -np.sum(np.where(target > 0, target * log_p, 0.0), axis=1)
+
+  itc = 0.5 * (cross_entropy(l_i2t) + cross_entropy(l_t2i))
+  np.testing.assert_allclose(metrics["train/itc"], itc.mean(), **TOL)
+  single = reference_terms(world, state, world.batch, config=config)["itc"]
+  assert abs(metrics["train/itc"] - single) > 1e-3

@@ -354,6 +354,60 @@ def test_resize_center_crop_keeps_the_centre():
   np.testing.assert_array_equal(transforms.resize_center_crop(square, 12), square)
 
 
+def _smooth(height, width, seed=0):
+  """uint8 [height, width, 3]: 6 x 8 noise blown up bicubic, detail as smooth as a photo's."""
+  return np.asarray(Image.fromarray(_noise(6, 8, seed)).resize((width, height),
+                                                               Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("shape, expected", [((90, 120), (30, 40)), ((120, 90), (40, 30)),
+                                             ((45, 100), (30, 67)), ((30, 50), (30, 50)),
+                                             ((20, 50), (20, 50))])
+def test_resize_shorter_side_keeps_the_aspect_and_never_upscales(shape, expected):
+  image = _smooth(*shape)
+  out = transforms.resize_shorter_side(image, 30)
+  assert out.shape == (*expected, 3) and out.dtype == np.uint8
+  if expected == shape:
+    assert out is image
+  else:
+    np.testing.assert_array_equal(out, np.asarray(Image.fromarray(image).resize(
+        expected[::-1], Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.parametrize("crop_scale", [(0.5, 1.0), (0.6, 1.0), (0.08, 1.0)])
+def test_min_input_side_is_the_least_side_whose_crops_are_all_downscales(crop_scale):
+  """Every crop box drawn in an image whose shorter side is min_input_side has both sides at
+  least the output size, whatever the aspect of the image; at 90% of that side some do not."""
+  size = 24
+  side = transforms.ImageTransform(size, "crop_flip", crop_scale).min_input_side()
+  assert transforms.ImageTransform(size, "none", crop_scale).min_input_side() == size
+  rng = np.random.default_rng(0)
+  crop_box = transforms._crop_box  # pylint: disable=protected-access
+
+  def smallest_crop_side(height, width):
+    boxes = [crop_box(height, width, rng, crop_scale, transforms.CROP_RATIO)
+             for _ in range(20_000)]
+    return min(min(h, w) for _, _, h, w in boxes)
+  for height, width in ((side, side), (side, side * 4 // 3), (side * 2, side)):
+    assert smallest_crop_side(height, width) >= size
+  assert smallest_crop_side(side * 9 // 10, side * 9 // 10) < size
+
+
+def test_a_crop_drawn_for_the_full_size_takes_the_same_region_of_a_downscaled_image():
+  full = _smooth(90, 120)
+  small = transforms.resize_shorter_side(full, 40)
+
+  def crop(image, seed, full_size=None):
+    return transforms.random_resized_crop(image, np.random.default_rng(seed), 24,
+                                          full_size=full_size).astype(np.float64)
+  same_region = [np.abs(crop(small, seed, (90, 120)) - crop(full, seed)).mean()
+                 for seed in range(20)]
+  drawn_for_small = [np.abs(crop(small, seed) - crop(full, seed)).mean() for seed in range(20)]
+  assert max(same_region) < 1.0 < min(drawn_for_small)  # uint8 levels
+  for seed in range(3):
+    np.testing.assert_array_equal(crop(full, seed, (90, 120)), crop(full, seed))
+
+
 def test_to_unit_range():
   image = np.array([[[0, 51, 255]]], np.uint8)
   out = transforms.to_unit_range(image)

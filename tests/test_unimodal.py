@@ -178,18 +178,22 @@ def test_run_evals_embeds_each_batch_once_per_encoder_and_scores_as_unshared():
 
   def embed_images(params, images):
     counts["images"] += 1
-    return params * images.reshape(len(images), -1)[:, :8]
+    return params["w"] * images.reshape(len(images), -1)[:, :8]
 
   def embed_texts(params, ids, mask):
     counts["texts"] += 1
-    return params * np.pad(ids * mask, ((0, 0), (0, 8)))[:, :8].astype(np.float32)
+    return params["w"] * np.pad(ids * mask, ((0, 0), (0, 8)))[:, :8].astype(np.float32)
+
+  def unused(params, features):
+    raise AssertionError("no cached features here")
 
   evaluators = evaluators_common.from_config(config, split)
-  results = evaluators_common.run_evals(evaluators, (embed_images, embed_texts),
-                                        {"params": 1.0, "params_ema": 2.0})
+  results = evaluators_common.run_evals(
+      evaluators, evaluators_common.EmbedFns(embed_images, embed_texts, unused, unused),
+      {"params": {"w": 1.0}, "params_ema": {"w": 2.0}})
   image_batches, text_batches = len(list(split.image_batches())), len(list(split.text_batches()))
   view_batches = 2 * len(list(split.view_batches(0)))
   assert counts == {"images": 2 * (image_batches + view_batches), "texts": 2 * text_batches}
   alone = retrieval.TextMatchingEvaluator("tm", split).run(
-      lambda b: embed_texts(1.0, b["text_ids"], b["text_mask"]))
+      lambda b: embed_texts({"w": 1.0}, b["text_ids"], b["text_mask"]))
   assert {k: results[f"eval/text_matching/{k}"] for k in alone} == alone

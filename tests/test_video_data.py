@@ -332,7 +332,9 @@ def test_msrvtt_sources(msrvtt, kind, with_test_list, split_kind):
     assert source.video_id(i) == video_id
     assert source.captions(i) == captions
     item = source[i]
-    assert item["captions"] == captions and item["image_id"] == i
+    # The id is the video's position in the annotations' "videos" list: train and eval apart.
+    assert item["captions"] == captions and item["image_id"] == [
+        v["video_id"] for v in _ANNOTATIONS["videos"]].index(video_id)
     folder = msrvtt["videos"] if kind == "files" else msrvtt["frames"]
     assert item["name"] == os.path.join(folder, video_id + (".mp4" if kind == "files" else ""))
     clip = item["video"]

@@ -68,10 +68,24 @@ class EvalSplit:
     self.num_skipped = log.count
     self.txt2img = np.asarray(txt2img, np.int32)
     self._text_ids, self._text_mask = tokenizer_lib.tokenize(tokenizer, self.captions, max_len)
+    self._features = {}
+
+  def attach_features(self, tables):
+    """Makes the batches carry cached features (cots_jax/features.py): `tables` {"image":
+    float32 [num_images, Di], "text": [num_texts, Dt]} (either may be absent; {} detaches)."""
+    self._features = dict(tables)
+
+  def image_pixels(self, indices):
+    """uint8 [len(indices), H, W, 3] (clips: [len, T, H, W, 3]) of the eval images, resized and
+    centre-cropped."""
+    return self._images[indices]
 
   def image_batches(self):
     """Yields {"image": float32 [b, H, W, 3] in [-1, 1] (clips: "video" [b, T, H, W, 3]),
-    "valid": bool [b]}."""
+    "valid": bool [b]}; with attached image features, {"image_features": [b, Di], "valid"}."""
+    if "image" in self._features:
+      return _padded_batches(self.num_images, self._batch_size,
+                             lambda i: {"image_features": self._features["image"][i]})
     return _padded_batches(self.num_images, self._batch_size,
                            lambda i: {self._visual_key: transforms.to_unit_range(self._images[i])})
 
@@ -91,10 +105,14 @@ class EvalSplit:
     return _padded_batches(self.num_images, self._batch_size, views)
 
   def text_batches(self):
-    """Yields {"text_ids": int32 [b, L], "text_mask": int32 [b, L], "valid": bool [b]}."""
-    return _padded_batches(
-        self.num_texts, self._batch_size,
-        lambda i: {"text_ids": self._text_ids[i], "text_mask": self._text_mask[i]})
+    """Yields {"text_ids": int32 [b, L], "text_mask": int32 [b, L], "valid": bool [b]}, plus
+    "text_features" [b, Dt] when text features are attached."""
+    def batch(i):
+      rows = {"text_ids": self._text_ids[i], "text_mask": self._text_mask[i]}
+      if "text" in self._features:
+        rows["text_features"] = self._features["text"][i]
+      return rows
+    return _padded_batches(self.num_texts, self._batch_size, batch)
 
 
 def make_eval_split(config, batch_size=None):

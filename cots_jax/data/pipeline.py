@@ -11,6 +11,11 @@ Training stream, per process:
   process_count-th example, from process_index -> threads read ahead -> bad examples skipped and
   counted -> batch of batch_size // process_count -> worker processes.
 
+With `input.cache_decoded` every training image is read, decoded and downscaled once, before the
+stream starts (`train_source`), and an example only crops and flips it from memory; the crops
+drawn, and every other field, are those of the uncached stream, the pixels equal up to the
+resampling of the downscale.
+
 Each process computes only its own examples, the stream does not depend on the number of workers
 or threads, and the iterator's get_state() / set_state() resume it exactly. The data knows nothing
 of models: MVM targets are computed in the step (design §8.1); here only `mvm_mask` is drawn.
@@ -32,6 +37,7 @@ from cots_jax import shapes
 from cots_jax.data import grouped
 from cots_jax.data import masking
 from cots_jax.data import registry
+from cots_jax.data import sources
 from cots_jax.data import tokenizer as tokenizer_lib
 from cots_jax.data import transforms
 
@@ -105,18 +111,28 @@ class _MakePair:
   mvm_mode: str
   mvm_min_block: int
   on_bad_example: str
+  # A cached locked tower's pooled outputs (cots_jax/features.py): float32 [images, Di] (NaN rows:
+  # did not decode) and [pairs, Dt]; the pair carries its row instead of needing the tower.
+  image_features: np.ndarray | None = None
+  text_features: np.ndarray | None = None
 
   def __call__(self, example, rng):
     image_index, caption_index = self.pairs[int(example)]
     try:
       item = self.source[int(image_index)]
       caption = _pick_caption(item, caption_index, rng)
-      if self.num_frames:
+      if self.image_features is not None:
+        visual = {"image_features": self.image_features[image_index]}
+        if np.isnan(visual["image_features"][0]):
+          raise transforms.BadExampleError(item["name"], "it did not decode when the image "
+                                           "features were cached")
+      elif self.num_frames:
         visual = {"video": transforms.to_unit_range(self.image_transform.clip_pixels(
             item["video"], item["name"], self.num_frames, rng))}
       else:
         pixels = transforms.decode_image(item["image"], item["name"])
-        visual = {"image": self.image_transform(pixels, item["name"], rng)}
+        full_size = item.get("full_size")  # set by the decoded-once cache
+        visual = {"image": self.image_transform(pixels, item["name"], rng, full_size)}
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
     ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
@@ -126,9 +142,11 @@ class _MakePair:
                            self.mvm_min_block)
     pair = {**visual, "text_ids": ids[0], "text_mask": mask[0],
             "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
+    if self.text_features is not None:
+      pair["text_features"] = self.text_features[int(example)]
     if self.view_transform is not None:
       # Drawn last, so turning the view on leaves every other field of the pair as it was.
-      pair["image_view"] = self.view_transform(pixels, item["name"], rng)
+      pair["image_view"] = self.view_transform(pixels, item["name"], rng, full_size)
     return pair
 
 
@@ -142,7 +160,8 @@ class _MakeImage:
   def __call__(self, index, rng):
     try:
       item = self.source[int(index)]
-      return {"image": self.image_transform(item["image"], item["name"], rng)}
+      return {"image": self.image_transform(item["image"], item["name"], rng,
+                                            item.get("full_size"))}
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
 
@@ -209,7 +228,25 @@ def _batched(examples, batch_size, input_config):
   return batches
 
 
-def make_train_dataset(config, *, process_index=0, process_count=1):
+def train_source(config):
+  """The training source of `config`; with input.cache_decoded, its images decoded once into
+  memory (`sources.DecodedImages`) here, before any worker process starts, at the shorter side
+  from which every training transform (the crop, and the second view's) only downscales."""
+  source = registry.make_source(config, "train")
+  if not config.input.cache_decoded:
+    return source
+  image_transforms = [transforms.ImageTransform.for_training(config)]
+  if config.input.second_view:
+    image_transforms.append(transforms.ImageTransform.for_views(config))
+  cached = sources.DecodedImages(source, max(t.min_input_side() for t in image_transforms))
+  if config.input.num_workers:
+    # grain's workers are spawned processes that each unpickle their own copy of the dataset.
+    logging.info("each of input.num_workers=%d workers holds a copy of the %.1f MB of images",
+                 config.input.num_workers, cached.nbytes / 2**20)
+  return cached
+
+
+def make_train_dataset(config, *, process_index=0, process_count=1, features=None):
   """The endless training stream of this process, a grain IterDataset of batches.
 
   A batch holds config.input.batch_size // process_count pairs: image float32 [B, H, W, 3] in
@@ -225,13 +262,15 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   [-1, 1]: a second view of the same decoded image, random-resized crop (area fraction in
   input.view_crop_scale) + flip (input.view_flip_prob), drawn with the pair's own rng after
   everything else, so it is as deterministic and resumable as the rest and leaves the other
-  fields unchanged.
+  fields unchanged. `features` ({"image": float32 [images, Di], "text": [pairs, Dt]}, the tables
+  of cots_jax/features.py) adds each pair's rows as `image_features` (in place of `image`) and
+  `text_features`.
   """
   batch_size = config.input.batch_size
   if not 0 <= process_index < process_count or batch_size % process_count:
     raise ValueError(f"input.batch_size={batch_size} must split evenly over process_count="
                      f"{process_count} (process_index={process_index})")
-  source = registry.make_source(config, "train")
+  source = train_source(config)
   pairs = pair_table(source)
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
@@ -245,7 +284,8 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
       patch_grid=shapes.patch_grid(config),
       num_masked_patches=shapes.num_mvm_masked(config),
       mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
-      on_bad_example=inp.on_bad_example)
+      on_bad_example=inp.on_bad_example, **{
+          f"{tower}_features": table for tower, table in (features or {}).items()})
   if inp.group_batches:
     rows = grouped.grouped_rows(source, pairs, batch_size // process_count, config.seed,
                          process_index, process_count)
@@ -261,17 +301,17 @@ def make_train_dataset(config, *, process_index=0, process_count=1):
   return _batched(examples, batch_size // process_count, inp)
 
 
-def make_train_iterator(config, *, process_index=0, process_count=1):
+def make_train_iterator(config, *, process_index=0, process_count=1, features=None):
   """Iterator over make_train_dataset(...); get_state() / set_state() checkpoint it."""
   return iter(make_train_dataset(config, process_index=process_index,
-                                 process_count=process_count))
+                                 process_count=process_count, features=features))
 
 
 def make_image_iterator(config, batch_size, seed):
   """Endless iterator of {"image": float32 [batch_size, H, W, 3] in [-1, 1], "skipped": int32
   [batch_size]} batches over the training images with the training augmentation, shuffled by
   `seed` anew every epoch (trains the VQ tokenizer)."""
-  source = registry.make_source(config, "train")
+  source = train_source(config)
   make_image = _MakeImage(source, transforms.ImageTransform.for_training(config),
                           config.input.on_bad_example)
   images = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()

@@ -29,18 +29,23 @@ class SourceKind:
   video: bool = False
 
 
+# Sources whose splits are numbered apart get first_id = the train size for the eval split, so
+# that image ids are unique over the dataset (design §4.3); the file-backed ones number images
+# by their position in the annotations.
 def _synthetic(config, train):
   data = config.input.data
   return synthetic.SyntheticCaptions(data.num_train_images if train else data.num_eval_images,
                                      "train" if train else "eval", config.seed,
-                                     config.model.image.image_size)
+                                     config.model.image.image_size,
+                                     first_id=0 if train else data.num_train_images)
 
 
 def _synthetic_video(config, train):
   data = config.input.data
   return synthetic_video.SyntheticVideos(
       data.num_train_images if train else data.num_eval_images, "train" if train else "eval",
-      config.seed, config.model.image.image_size, data.clip_frames or config.model.num_frames)
+      config.seed, config.model.image.image_size, data.clip_frames or config.model.num_frames,
+      first_id=0 if train else data.num_train_images)
 
 
 def _captions_json(config, train):
@@ -51,10 +56,15 @@ def _captions_json(config, train):
 
 def _tfds(config, train):
   data = config.input.data
-  return sources.TfdsCaptions(
-      data.tfds_name, data.tfds_train_split if train else data.tfds_eval_split,
-      data.tfds_data_dir or None, image_key=data.image_key, captions_key=data.captions_key,
-      caption_text_key=data.caption_text_key or None)
+
+  def split_source(split, first_id=0):
+    return sources.TfdsCaptions(
+        data.tfds_name, split, data.tfds_data_dir or None, image_key=data.image_key,
+        captions_key=data.captions_key, caption_text_key=data.caption_text_key or None,
+        first_id=first_id)
+  train_source = split_source(data.tfds_train_split)
+  # Records without `image/id` are numbered by index: eval's follow train's.
+  return train_source if train else split_source(data.tfds_eval_split, len(train_source))
 
 
 def _msrvtt(config, train):

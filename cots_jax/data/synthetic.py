@@ -317,12 +317,14 @@ def scene_split(scene):
 class SyntheticCaptions:
   """Random-access source (grain-compatible) of synthetic images with 5 captions each.
 
-  Item i is {"image": uint8 [H, W, 3], "name": str, "captions": list of 5 str, "image_id": i}, a
-  pure function of (seed, split, i); a train and an eval scene never share a description. The
-  interface is that of the real-data sources (`data/sources.py`).
+  Item i is {"image": uint8 [H, W, 3], "name": str, "captions": list of 5 str,
+  "image_id": first_id + i}, a pure function of (seed, split, i); a train and an eval scene never
+  share a description. The registry numbers the eval images after the train images (first_id =
+  the train size), so ids are unique over both splits. The interface is that of the real-data
+  sources (`data/sources.py`).
   """
 
-  def __init__(self, num_images, split="train", seed=0, image_size=48):
+  def __init__(self, num_images, split="train", seed=0, image_size=48, first_id=0):
     if split not in SPLIT_IDS:
       raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
     if num_images < 1:
@@ -331,6 +333,7 @@ class SyntheticCaptions:
     self.split = split
     self.seed = int(seed)
     self.image_size = int(image_size)
+    self.first_id = int(first_id)
 
   def __len__(self):
     return self.num_images
@@ -363,4 +366,4 @@ class SyntheticCaptions:
     return {"image": render_scene(scene, self.image_size),
             "name": f"synthetic/{self.split}/{int(index)}",
             "captions": describe_scene(scene, rng),
-            "image_id": int(index)}
+            "image_id": self.first_id + int(index)}

@@ -261,11 +261,12 @@ class SyntheticVideos:
   """Random-access source (grain-compatible, picklable) of synthetic clips with 5 captions each.
 
   Item i is {"video": ArrayClip(uint8 [num_frames, image_size, image_size, 3]),
-  "name": "synthetic_video/<split>/<i>", "captions": list of 5 str, "image_id": i}, a pure
-  function of (seed, split, i). Clips 4g .. 4g + 3 form group g (see the module docstring).
+  "name": "synthetic_video/<split>/<i>", "captions": list of 5 str, "image_id": first_id + i}, a
+  pure function of (seed, split, i); the registry numbers the eval clips after the train clips.
+  Clips 4g .. 4g + 3 form group g (see the module docstring).
   """
 
-  def __init__(self, num_videos, split="train", seed=0, image_size=48, num_frames=8):
+  def __init__(self, num_videos, split="train", seed=0, image_size=48, num_frames=8, first_id=0):
     if split not in synthetic.SPLIT_IDS:
       raise ValueError(f"split must be one of {sorted(synthetic.SPLIT_IDS)}, got {split!r}")
     if num_videos < 1:
@@ -277,6 +278,7 @@ class SyntheticVideos:
     self.seed = int(seed)
     self.image_size = int(image_size)
     self.num_frames = int(num_frames)
+    self.first_id = int(first_id)
     # Group g has appearance _split_appearances(split)[order[g % len(order)]].
     self._order = self._rng().permutation(len(_split_appearances(split)))
 
@@ -315,7 +317,7 @@ class SyntheticVideos:
     name = f"synthetic_video/{self.split}/{int(index)}"
     frames = render_clip(spec, self.num_frames, self.image_size)
     return {"video": ArrayClip(frames, name), "name": name,
-            "captions": self._describe(index, spec), "image_id": int(index)}
+            "captions": self._describe(index, spec), "image_id": self.first_id + int(index)}
 
 
 def direction_twins(source):

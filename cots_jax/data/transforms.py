@@ -9,7 +9,10 @@ error, never a partly decoded image (`ImageFile.LOAD_TRUNCATED_IMAGES` stays off
     mode "I" (how some 16-bit files decode) is read the same way, clipped to 0..65535;
   - float samples (mode "F", float arrays) are taken to lie in [0, 1] and are clipped to it;
   - EXIF orientation is applied.
-Both resizes use PIL bicubic resampling.
+Every resize uses PIL bicubic resampling. `resize_shorter_side` downscales a decoded image once
+for the in-memory cache of `input.cache_decoded` (sources.DecodedImages) to
+`ImageTransform.min_input_side`, the smallest side from which the training crops are still only
+downscaled.
 """
 
 import dataclasses
@@ -22,6 +25,8 @@ from PIL import Image
 from PIL import ImageOps
 
 _CROP_TRIES = 10
+# Aspect ratios (w / h) of the random-resized crop (torchvision's default).
+CROP_RATIO = (3 / 4, 4 / 3)
 _RESAMPLE = Image.Resampling.BICUBIC
 # What PIL raises on open / load / EXIF parsing of a damaged file (besides the two handled first).
 _CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
@@ -160,16 +165,24 @@ def _resize_box(image, size, box):
   return np.asarray(Image.fromarray(image).resize((size, size), _RESAMPLE, box=box))
 
 
-def random_resized_crop(image, rng, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip_prob=0.5):
+def random_resized_crop(image, rng, size, scale=(0.5, 1.0), ratio=CROP_RATIO, flip_prob=0.5,
+                        full_size=None):
   """Training augmentation: uint8 [H, W, 3] -> uint8 [size, size, 3].
 
   A random crop (`_crop_box`: area fraction in `scale`, aspect ratio w / h in `ratio`), resized
   bicubic to size x size, then mirrored left-right with probability `flip_prob`. `rng` is a
   np.random.Generator; the flip draw is made whatever `flip_prob`, so one seed gives the same
-  crop for every flip_prob.
+  crop for every flip_prob. `full_size` (height, width): the size `image` had before it was
+  downscaled (`resize_shorter_side`); the crop is drawn for that size and its region taken from
+  `image`, so one seed gives the same crop of the downscaled and of the full image.
   """
-  top, left, h, w = _crop_box(*image.shape[:2], rng, scale, ratio)
-  crop = _resize_box(image, size, (left, top, left + w, top + h))
+  height, width = full_size or image.shape[:2]
+  top, left, h, w = _crop_box(height, width, rng, scale, ratio)
+  box = (left, top, left + w, top + h)
+  if full_size is not None:
+    scale_x, scale_y = image.shape[1] / width, image.shape[0] / height
+    box = (left * scale_x, top * scale_y, (left + w) * scale_x, (top + h) * scale_y)
+  crop = _resize_box(image, size, box)
   if rng.random() < flip_prob:
     crop = crop[:, ::-1]
   return np.ascontiguousarray(crop)
@@ -185,6 +198,20 @@ def resize_center_crop(image, size):
   side = min(height, width)
   left, top = (width - side) / 2, (height - side) / 2
   return _resize_box(image, size, (left, top, left + side, top + side))
+
+
+def resize_shorter_side(image, side):
+  """uint8 [H, W, 3] -> uint8 [h, w, 3] with min(h, w) = `side` and the aspect ratio kept (the
+  longer side rounded), resized bicubic; an image whose shorter side is at most `side` is
+  returned as it is (upscaling would add no detail)."""
+  height, width = image.shape[:2]
+  if min(height, width) <= side:
+    return image
+  if height <= width:
+    new_size = (round(width * side / height), side)  # PIL sizes are (width, height)
+  else:
+    new_size = (side, round(height * side / width))
+  return np.asarray(Image.fromarray(image).resize(new_size, _RESAMPLE))
 
 
 def to_unit_range(image):
@@ -252,20 +279,32 @@ class ImageTransform:
     return cls(config.model.image.image_size, "crop_flip", tuple(inp.view_crop_scale),
                inp.view_flip_prob)
 
-  def pixels(self, image, name, rng=None):
+  def min_input_side(self):
+    """The shorter side (px) from which this transform only ever downscales: `size` for the
+    centre crop; for "crop_flip", size / sqrt(crop_scale[0] * min(CROP_RATIO[0], 1 /
+    CROP_RATIO[1])) rounded up (1.63 x size at crop_scale (0.5, 1)), since a crop of at least
+    crop_scale[0] of an image's area, at an aspect ratio in CROP_RATIO, has both sides at least
+    sqrt(crop_scale[0] * 3 / 4) times the image's shorter side."""
+    if self.augment != "crop_flip":
+      return self.size
+    return math.ceil(self.size / math.sqrt(self.crop_scale[0] * min(CROP_RATIO[0],
+                                                                    1 / CROP_RATIO[1])))
+
+  def pixels(self, image, name, rng=None, full_size=None):
     """-> uint8 [size, size, 3]; raises BadExampleError(name, reason) when `image` does not
-    decode. `rng` (np.random.Generator) is needed by "crop_flip" only."""
+    decode. `rng` (np.random.Generator) is needed by "crop_flip" only, and so is `full_size`:
+    the (height, width) of `image` before it was downscaled, if it was (`random_resized_crop`)."""
     pixels = decode_image(image, name)
     if self.augment == "crop_flip":
       return random_resized_crop(pixels, rng, self.size, scale=self.crop_scale,
-                                            flip_prob=self.flip_prob)
+                                 flip_prob=self.flip_prob, full_size=full_size)
     if pixels.shape[:2] != (self.size, self.size):
       return resize_center_crop(pixels, self.size)
     return pixels
 
-  def __call__(self, image, name, rng=None):
+  def __call__(self, image, name, rng=None, full_size=None):
     """-> float32 [size, size, 3] in [-1, 1]; see `pixels`."""
-    return to_unit_range(self.pixels(image, name, rng))
+    return to_unit_range(self.pixels(image, name, rng, full_size))
 
   def clip_pixels(self, clip, name, num_frames, rng=None):
     """`num_frames` frames of a clip (video.py's clip contract) -> uint8 [T, size, size, 3].

@@ -10,7 +10,8 @@ file decoded by PyAV) and `FrameFolder` (a folder of pre-extracted frame images)
 only paths and small caches, so they pickle cheaply into grain worker processes.
 
 A video source is random-access over videos, picklable and model-free like the image sources;
-item i is {"video": clip, "name": str, "captions": list of str, "image_id": i}, and it has
+item i is {"video": clip, "name": str, "captions": list of str, "image_id": the video's position
+in the annotations' "videos" list (unique over train and eval)}, and it has
 `captions(i)` and `caption_counts()`. `MsrVttSource` and `FramesFolderSource` read the MSR-VTT
 annotations (MSRVTT_data.json) with the optional 1k-A test list (see `_select_videos`).
 `transforms.sample_frame_indices` picks the frames of a clip that a model sees.
@@ -268,7 +269,8 @@ def _read_test_list(path, known_video_ids):
 
 
 def _select_videos(annotations, split_kind, test_list):
-  """(video ids, captions per video) of `split_kind` ("train" | "eval") under MSR-VTT's protocols.
+  """(video ids, captions per video, positions of the videos in the annotations' "videos" list)
+  of `split_kind` ("train" | "eval") under MSR-VTT's protocols.
 
   With a `test_list` csv (1k-A): "eval" is its videos in csv order, each with its csv sentence
   as its only caption; "train" is every other annotated video with all its captions. Without:
@@ -282,21 +284,24 @@ def _select_videos(annotations, split_kind, test_list):
   if split_kind not in _SPLITS_WITHOUT_TEST_LIST:
     raise ValueError(f"split_kind must be 'train' or 'eval', got {split_kind!r}")
   video_ids, splits, captions = _parse_annotations(annotations)
+  position = {video_id: i for i, video_id in enumerate(video_ids)}
   if test_list:
     rows = _read_test_list(test_list, splits)
     if split_kind == "eval":
-      return [video_id for video_id, _ in rows], [[sentence] for _, sentence in rows]
-    held_out = {video_id for video_id, _ in rows}
-    selected = [v for v in video_ids if v not in held_out]
-    if not selected:
-      raise ValueError(f"{annotations}: no training videos: {test_list} lists all of them")
+      selected = [video_id for video_id, _ in rows]
+      captions = {video_id: [sentence] for video_id, sentence in rows}
+    else:
+      held_out = {video_id for video_id, _ in rows}
+      selected = [v for v in video_ids if v not in held_out]
+      if not selected:
+        raise ValueError(f"{annotations}: no training videos: {test_list} lists all of them")
   else:
     kept_splits = _SPLITS_WITHOUT_TEST_LIST[split_kind]
     selected = [v for v in video_ids if splits[v] in kept_splits]
     if not selected:
       raise ValueError(f"{annotations}: no videos in splits {list(kept_splits)} for "
                        f"split_kind {split_kind!r}; splits found: {sorted(set(splits.values()))}")
-  return selected, [captions[v] for v in selected]
+  return selected, [captions[v] for v in selected], [position[v] for v in selected]
 
 
 class _MsrVttVideos:
@@ -307,8 +312,8 @@ class _MsrVttVideos:
     self.annotations = os.fspath(annotations)
     self.split_kind = split_kind
     self.test_list = os.fspath(test_list) if test_list else ""
-    self._video_ids, self._captions = _select_videos(self.annotations, split_kind,
-                                                     self.test_list)
+    self._video_ids, self._captions, self._positions = _select_videos(
+        self.annotations, split_kind, self.test_list)
     self._caption_counts = np.array([len(c) for c in self._captions], np.int64)
 
   def __len__(self):
@@ -329,10 +334,11 @@ class _MsrVttVideos:
     return self._caption_counts.copy()
 
   def __getitem__(self, index):
-    """{"video": the clip (read lazily), "name": its path, "captions", "image_id": index}."""
+    """{"video": the clip (read lazily), "name": its path, "captions", "image_id": the video's
+    position in the annotations' "videos" list}."""
     clip = self.clip(index)
     return {"video": clip, "name": clip.path, "captions": self.captions(index),
-            "image_id": int(index)}
+            "image_id": self._positions[index]}
 
 
 class MsrVttSource(_MsrVttVideos):

@@ -11,12 +11,13 @@ else. Results are keyed `eval/<name><suffix>/<metric>`, the suffix naming the en
 import dataclasses
 import functools
 import re
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from absl import logging
 import jax
 import numpy as np
 
+from cots_jax import locking
 from cots_jax import sharding
 from cots_jax.data import pipeline
 from cots_jax.data import registry
@@ -137,27 +138,41 @@ def from_config(config, split):
   return evaluators
 
 
+class EmbedFns(NamedTuple):
+  """The embedders of `make_embed_fns`: `(params, host arrays) -> numpy [b, E]`.
+
+  Attributes:
+    images: (params, image [b, H, W, 3] or clips [b, T, H, W, 3]).
+    texts: (params, text_ids, text_mask [b, L]).
+    image_features, text_features: (params, a locked tower's cached pooled outputs [b, D]):
+      the projection heads alone (cots_jax/features.py).
+  """
+  images: Callable
+  texts: Callable
+  image_features: Callable
+  text_features: Callable
+
+
 def make_embed_fns(model, mesh):
-  """Image and text embedders `(params, host batch) -> numpy [b, E]` for the evaluators.
+  """The `EmbedFns` of `model` on `mesh`, for the evaluators and inference.
 
   Every process passes the same batch of b rows (the eval split is the same on every host). The
   rows are padded to a multiple of the mesh's device count and split over all devices, each
-  process filling only its own devices' rows; the jitted function gathers the embeddings, so
+  process filling only its own devices' rows; the jitted functions gather the embeddings, so
   every process gets all b of them while each example is embedded once.
-
-  Returns:
-    (embed_images(params, image [b, H, W, 3] or clips [b, T, H, W, 3]), embed_texts(params,
-    text_ids, text_mask [b, L])).
   """
   rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-  @functools.partial(jax.jit, out_shardings=whole)
-  def image_fn(params, image):
-    return model.apply({"params": params}, image, method=model.visual_embedding)[0]
+  def embedder(method):
+    """`(params, *host arrays) -> numpy [b, E]` of the model's `method` (its embedding first)."""
+    @functools.partial(jax.jit, out_shardings=whole)
+    def embed(params, *arrays):
+      out = model.apply({"params": params}, *arrays, method=method)
+      return out[0] if isinstance(out, tuple) else out
 
-  @functools.partial(jax.jit, out_shardings=whole)
-  def text_fn(params, text_ids, text_mask):
-    return model.apply({"params": params}, text_ids, text_mask, method=model.text_embedding)[0]
+    def run(params, *arrays):
+      return np.asarray(embed(params, *map(spread, arrays)))[:len(arrays[0])]
+    return run
 
   def spread(x):
     """numpy [b, ...] -> a global array of [b + pad, ...] split by rows over the mesh."""
@@ -167,17 +182,27 @@ def make_embed_fns(model, mesh):
       x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
     return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
 
-  def embed_images(params, image):
-    return np.asarray(image_fn(params, spread(image)))[:len(image)]
-
-  def embed_texts(params, text_ids, text_mask):
-    return np.asarray(text_fn(params, spread(text_ids), spread(text_mask)))[:len(text_ids)]
-
-  return embed_images, embed_texts
+  return EmbedFns(images=embedder(model.visual_embedding), texts=embedder(model.text_embedding),
+                  image_features=embedder(model.embed_image),
+                  text_features=embedder(model.embed_text))
 
 
 # The name suffix of each encoder's results: eval/<evaluator><suffix>/<metric>.
 ENCODER_SUFFIXES = (("", "params"), ("_momentum", "params_ema"))
+
+
+def _embed_visual(embed_fns, params, batch):
+  """Embeddings of an eval batch's images or clips, or of their cached features."""
+  if "image_features" in batch:
+    return embed_fns.image_features(params, batch["image_features"])
+  return embed_fns.images(params, pipeline.visual_input(batch))
+
+
+def _embed_text(embed_fns, params, batch):
+  """Embeddings of an eval batch's captions, or of their cached features."""
+  if "text_features" in batch:
+    return embed_fns.text_features(params, batch["text_features"])
+  return embed_fns.texts(params, batch["text_ids"], batch["text_mask"])
 
 
 def run_evals(evaluators, embed_fns, params_trees):
@@ -187,18 +212,18 @@ def run_evals(evaluators, embed_fns, params_trees):
   Args:
     evaluators: from `from_config`.
     embed_fns: from `make_embed_fns`.
-    params_trees: a dict with the "params" and "params_ema" trees (the train state, or a
-      restore).
+    params_trees: a dict with the "params" tree and, when the run has a momentum encoder, the
+      "params_ema" tree of its trainable leaves (the train state, or a restore).
   """
-  embed_images, embed_texts = embed_fns
+  trees = locking.encoder_trees(params_trees)
   results = {}
   for suffix, key in ENCODER_SUFFIXES:
-    params = params_trees[key]
+    if key not in trees:
+      continue
+    params = trees[key]
     # One encoder's evaluators share the split's batches: each is embedded once.
-    image_fn = retrieval.memoized_embed_fn(
-        lambda b, p=params: embed_images(p, pipeline.visual_input(b)))
-    text_fn = retrieval.memoized_embed_fn(
-        lambda b, p=params: embed_texts(p, b["text_ids"], b["text_mask"]))
+    image_fn = retrieval.memoized_embed_fn(functools.partial(_embed_visual, embed_fns, params))
+    text_fn = retrieval.memoized_embed_fn(functools.partial(_embed_text, embed_fns, params))
     for name, run in evaluators.items():
       metrics = run(image_fn, text_fn)
       results.update({f"eval/{name}{suffix}/{metric}": value for metric, value in metrics.items()})

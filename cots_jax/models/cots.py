@@ -218,6 +218,17 @@ class CotsModel(nn.Module):
     (`model.pool`)."""
     return pool_text(hidden, mask, self.model.pool)
 
+  def image_features(self, image):
+    """The image tower's pooled output `[B, Di]` of images `[B, H, W, 3]`, what a fully locked
+    tower's cache holds (cots_jax/features.py); without the WST, `image_embedding` is
+    `embed_image` of it."""
+    return self.image_global(self.encode_image(image))
+
+  def text_features(self, ids, mask):
+    """The text tower's pooled output `[B, Dt]` of ids, mask `[B, L]`, what a fully locked
+    tower's cache holds; without the WST, `text_embedding` is `embed_text` of it."""
+    return self.text_global(self.encode_text(ids, mask), mask)
+
   def image_head_input(self, tokens, train=False):
     """What the image projection sees, from tower tokens `[B, 1+N, Di]`: the WST output pooled
     by `model.wst_pool` `[B, Dw]` with `model.use_wst`, else `image_global(tokens)`."""
