@@ -15,8 +15,9 @@ Arguments combine with commas. The ablations are single fields: `--config.model.
 (the cross-modal term over the momentum queue, `queue.in_batch_negatives` on).
 
 The objective is L = cookie_cm + cookie_vv + cookie_tt (weights 1, method §4.18), InfoNCE at
-temperature 0.07, 0.05 for the SimCSE text term; no MLM / MVM / KL, no AMF. The momentum towers
-are still kept (EMA) and evaluated, as for COTS.
+temperature 0.07, 0.05 for the SimCSE text term; no MLM / MVM / KL, no AMF. No term reads a
+momentum encoder, so none is kept (no EMA, no queues) and evals report the online encoder only;
+`cookie_use_queue` brings both back.
 """
 
 from configs import common

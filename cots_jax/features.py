@@ -190,7 +190,7 @@ def feature_tables(config, model, params, split, workdir):
     config: the run's prepared config.
     model: the `CotsModel`.
     params: the online parameters (a locked tower's are its initial, pre-trained ones).
-    split: the run's `EvalSplit`.
+    split: the run's `EvalSplit`, or None for the training tables alone (benchmarks).
     workdir: the run's workdir.
   """
   towers = cached_towers(config)
@@ -207,8 +207,10 @@ def feature_tables(config, model, params, split, workdir):
     else:
       captions = [source.captions(int(i))[int(j)] for i, j in pairs]
       train["text"] = builder.text("train", captions)
-      evals["text"] = builder.text("eval", split.captions)
+      if split is not None:
+        evals["text"] = builder.text("eval", split.captions)
   if "image" in towers:
     train["image"] = builder.train_images(source)
-    evals["image"] = builder.eval_images(split)
+    if split is not None:
+      evals["image"] = builder.eval_images(split)
   return FeatureTables(train, evals) if train else None

@@ -43,10 +43,19 @@ def test_image_tower_flops_match_xla_within_ten_percent():
   assert flops.image_tower_forward_flops(config) == pytest.approx(xla, rel=0.1)
 
 
-@pytest.mark.parametrize("weights", [{}, {"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}])
-def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
+LOCKED_TEXT = {"model.text.locked": "all", "model.text.lock_random_ok": True}
+LIT = {"loss.itc": 0.0, "loss.cookie_cm": 1.0, "amf.enabled": False}
+
+
+@pytest.mark.parametrize("weights, overrides", [
+    ({}, {}), ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}, {}),
+    ({"mlm": 0.0}, LOCKED_TEXT),
+    ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}, {**LOCKED_TEXT, **LIT})])
+def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights, overrides):
+  """Also with the text tower locked (no backward through it) and without a momentum encoder."""
   config = _config()
   config.loss.update(weights)
+  config.update_from_flattened_dict(overrides)
   built = state_lib.build(config, state_lib.make_mesh(config))
   state = built.abstract
   b, size, length = config.input.batch_size, 32, config.input.max_len
@@ -62,3 +71,20 @@ def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights):
   parts = flops.cots_step_flops_per_pair(config)
   assert parts["total"] == pytest.approx(xla, rel=0.15)
   assert ("masked_text" in parts) == ("mlm" not in weights)
+
+
+def test_each_switch_removes_its_passes_from_the_count():
+  config = _config()
+  config.loss.update(mlm=0.0)
+  full = flops.cots_step_flops_per_pair(config)
+  config.update_from_flattened_dict(LOCKED_TEXT)
+  locked = flops.cots_step_flops_per_pair(config)
+  text = flops.text_tower_forward_flops(config)
+  assert full["online_pair"] - locked["online_pair"] == 2 * text  # the backward is gone
+  cached = flops.cots_step_flops_per_pair(config, cached=("text",))
+  assert locked["online_pair"] - cached["online_pair"] == text
+  assert locked["momentum_pair"] - cached["momentum_pair"] == text
+  config.update_from_flattened_dict({**LIT, "loss.kl_align": 0.0, "loss.mvm": 0.0})
+  lit = flops.cots_step_flops_per_pair(config, cached=("text",))
+  assert "momentum_pair" not in lit and "contrastive_logits" not in lit
+  assert lit["in_batch_logits"] > 0

@@ -9,10 +9,16 @@ per pair (cots_jax.flops) and XLA's compiled count, the measured peak of a dense
 model's largest GEMM shape on all cores, and MFU = achieved FLOP/s / peak. The batches are real
 pipeline batches, staged on the device before timing so the host pipeline is not measured. The
 state is the run's (`state.build`, pretrained towers and init_from included), except that the
-frozen VQ tokenizer is an untrained one of the configured shape (same FLOPs as a trained one).
+frozen VQ tokenizer is an untrained one of the configured shape (same FLOPs as a trained one),
+and so are the batches: a fully locked tower's features are cached first (in
+`config.feature_cache_dir`, else a temporary directory) and fed to the step, as in the run. The
+JSON also records the locks, the cached towers, whether there is a momentum encoder and the
+floats of each part of the state, which show what locking, caching and dropping the momentum
+encoder save.
 """
 
 import json
+import tempfile
 import time
 
 from absl import app
@@ -23,6 +29,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from cots_jax import benchmarks
+from cots_jax import features
 from cots_jax import flops
 from cots_jax import shapes
 from cots_jax import sharding
@@ -85,7 +92,9 @@ def benchmark(config, warmup_steps, timed_steps):
   state = built.initial_state()
   update = step_lib.jit_update(built)
 
-  data = pipeline.make_train_iterator(config)
+  with tempfile.TemporaryDirectory() as workdir:
+    tables = features.feature_tables(config, built.model, state["params"], None, workdir)
+  data = pipeline.make_train_iterator(config, features=tables.train if tables else None)
   batches = [sharding.global_batch(next(data), mesh) for _ in range(4)]
   compiled = update.lower(state, batches[0]).compile()
   cost = compiled.cost_analysis()
@@ -101,7 +110,8 @@ def benchmark(config, warmup_steps, timed_steps):
 
   step_seconds = float(np.median(times))
   pairs_per_sec = config.input.batch_size / step_seconds
-  analytic = flops.cots_step_flops_per_pair(config)
+  cached = features.cached_towers(config)
+  analytic = flops.cots_step_flops_per_pair(config, cached)
   gemm = largest_gemm(config)
   dtype = jnp.dtype(config.model.dtype)
   peak = matmul_peak(gemm, dtype)
@@ -111,6 +121,11 @@ def benchmark(config, warmup_steps, timed_steps):
       "num_devices": jax.device_count(),
       "batch_size": config.input.batch_size,
       "loss_weights": dict(config.loss),
+      "locked": {tower: config.model[tower].locked for tower in ("image", "text")},
+      "cached_towers": list(cached),
+      "momentum_encoder": "params_ema" in state,
+      "state_floats": {key: sum(int(x.size) for x in jax.tree.leaves(state[key]))
+                       for key in ("params", "params_ema", "opt", "queue") if key in state},
       "step_seconds_median": step_seconds,
       "pairs_per_sec": pairs_per_sec,
       "analytic_flops_per_pair": analytic["total"],
