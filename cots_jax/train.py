@@ -153,17 +153,20 @@ def _loop(config, state, update, batches, start_step, manager, train_iter, write
   is_chief = jax.process_index() == 0
   progress = tqdm.tqdm(total=config.total_steps, initial=start_step, disable=not is_chief,
                        unit="step", dynamic_ncols=True, desc="train")
-  last_log_time, last_log_step, eval_seconds = time.perf_counter(), start_step, 0.0
+  # pairs/s counts the steps' own time: from one logging step's metrics on the host to the
+  # next's (the device_get waits for the steps dispatched before it), minus evals and saves.
+  last_log_time, last_log_step, excluded_seconds = time.perf_counter(), start_step, 0.0
   results, preempted = {}, False
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       state, metrics = update(state, next(batches))
       progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
-        elapsed = time.perf_counter() - last_log_time - eval_seconds
-        _log_train_metrics(step, jax.device_get(metrics), (step - last_log_step) / elapsed,
+        host_metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - last_log_time - excluded_seconds
+        _log_train_metrics(step, host_metrics, (step - last_log_step) / elapsed,
                            config, manager, writer, progress)
-        last_log_time, last_log_step, eval_seconds = time.perf_counter(), step, 0.0
+        last_log_time, last_log_step, excluded_seconds = time.perf_counter(), step, 0.0
       is_last = step == config.total_steps
       preempted = not is_last and preemption.requested(step)
       if not preempted and (is_last or (config.eval_every and step % config.eval_every == 0)):
@@ -172,9 +175,11 @@ def _loop(config, state, update, batches, start_step, manager, train_iter, write
         writer.write(step, results)
         logging.info("step %d eval: %s", step, evaluators_common.summary(results))
         progress.write(f"step {step}: {evaluators_common.summary(results)}")
-        eval_seconds += time.perf_counter() - eval_start
+        excluded_seconds += time.perf_counter() - eval_start
       if preempted or manager.should_save(step):
+        save_start = time.perf_counter()
         checkpoint.save_checkpoint(manager, step, state, train_iter)
+        excluded_seconds += time.perf_counter() - save_start
       if preempted:
         message = (f"{preemption.signal_received or 'preemption notice'}: saved checkpoint "
                    f"{step} in {manager.directory} and stopped; run the same command again to "

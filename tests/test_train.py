@@ -212,3 +212,52 @@ def test_runlocal_trains_logs_evaluates_and_checkpoints(runlocal_workdir):
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == RUNLOCAL_STEPS
   vq_quality = next(r for r in records if "vq/eval_perplexity" in r)
   assert vq_quality["vq/eval_recon_mse"] < vq_quality["vq/eval_mean_colour_mse"]
+
+
+def test_pairs_per_sec_counts_the_wait_for_the_steps_not_only_their_dispatch(monkeypatch):
+  """A step is dispatched at once and computed while the host goes on; the logged rate must
+  include the time the host then waits for the metrics (a fake clock: 10 s per wait, nothing
+  else takes time), less the evals."""
+  from cots_jax import train  # pylint: disable=g-import-not-at-top
+
+  clock = {"now": 0.0}
+  monkeypatch.setattr(train.time, "perf_counter", lambda: clock["now"])
+
+  def device_get(tree):
+    clock["now"] += 10.0  # the 5 dispatched steps finish while the host waits here
+    return jax.tree.map(float, tree)
+
+  def evaluate(state):
+    clock["now"] += 100.0  # excluded from the figure
+    return {"eval/retrieval/i2t_r1": 1.0}
+
+  monkeypatch.setattr(train.jax, "device_get", device_get)
+  written = []
+
+  class Writer:
+    def write(self, step, metrics):
+      written.append((step, dict(metrics)))
+
+  class Manager:
+    directory = "ckpt"
+    def should_save(self, step):
+      return False
+    def latest_step(self):
+      return None
+    def wait_until_finished(self):
+      pass
+    def close(self):
+      pass
+
+  class NoPreemption:
+    def requested(self, step):
+      return False
+
+  config = common.base_config("tiny")
+  config.total_steps, config.log_every, config.eval_every = 10, 5, 5
+  config.input.batch_size = 4
+  metrics = {"train/loss": 1.0, "train/grad_norm": 1.0}
+  train._loop(config, {}, lambda state, batch: (state, metrics), iter(range(10)), 0, Manager(),
+              None, Writer(), NoPreemption(), evaluate)
+  rates = [m["train/pairs_per_sec"] for _, m in written if "train/pairs_per_sec" in m]
+  assert rates == [5 * 4 / 10.0, 5 * 4 / 10.0]
