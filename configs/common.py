@@ -271,6 +271,10 @@ def base_config(size="tiny"):
   # Batches of whole source groups (synthetic_video: the 4 clips that differ only in direction,
   # one caption each), so each clip meets its twins as in-batch negatives.
   c.input.group_batches = False
+  # K > 1: an example is a training image with K of its captions (every image once an epoch),
+  # all positives of it in the in-batch InfoNCE (loss.cookie_cm): K times the text supervision
+  # per image forward. Only for the in-batch terms (no queue, MLM or text-text term).
+  c.input.captions_per_image = 1
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
   # Decode every training image once, before training, and keep it in memory as uint8 downscaled
   # to the shorter side from which the crops are still only downscaled (1.63 x image_size at

@@ -42,7 +42,7 @@ CHOICES = {
     "input.on_bad_example": pipeline.ON_BAD_EXAMPLE,
 }
 POSITIVE_INTS = (
-    "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
+    "input.captions_per_image", "total_steps", "log_every", "keep_checkpoints", "model.embed_dim",
     "model.image.image_size", "model.image.patch_size", "model.image.width", "model.image.depth",
     "model.image.heads", "model.text.vocab_size", "model.text.width", "model.text.depth",
     "model.text.heads", "model.text.max_positions", "model.wst_layers",
@@ -206,6 +206,16 @@ def _validate_input(config):
       config.input.flip_prob > 0):
     _fail("input.flip_prob", config.input.flip_prob, "must be 0 for synthetic_video: a mirrored "
           "clip moves the other way than its captions say")
+  if config.input.captions_per_image > 1:
+    loss = config.loss
+    readers = [name for name in ("itc", "kl_align", "mlm", "cookie_tt") if loss[name] > 0]
+    if loss.cookie_cm > 0 and loss.cookie_use_queue:
+      readers.append("cookie_use_queue")
+    if readers or config.amf.enabled or registry.is_video(config) or config.input.group_batches:
+      _fail("input.captions_per_image", config.input.captions_per_image,
+            "works with the in-batch terms only (loss.cookie_cm, cookie_vv) on images: set "
+            f"{', '.join(f'loss.{name}' for name in readers) or 'the others'} to 0, amf.enabled "
+            "and input.group_batches to False")
   for field in ("crop_scale", "view_crop_scale"):
     low, high = config.input[field]
     if not 0 < low <= high <= 1:

@@ -111,31 +111,36 @@ def itc_loss(logits_i2t, logits_t2i, targets, momentum_logits_i2t=None,
 
 
 def info_nce(a, b, temp, image_ids=None):
-  """Symmetric in-batch InfoNCE ½·[CE(a·bᵀ/τ, P) + CE(b·aᵀ/τ, Pᵀ)] per pair (method §4.18), with
-  P the identity, or with `image_ids` the rows of every pair of the same image (multi-positive:
-  the target mass is spread uniformly over them, as `itc_targets`).
+  """Symmetric in-batch InfoNCE ½·[CE(a·bᵀ/τ, P) + CE(b·aᵀ/τ, Pᵀ)] per row of `a` (method
+  §4.18), P the identity, or with `image_ids` every pair of the same image a positive (the target
+  mass spread uniformly over them, as `itc_targets`).
 
   COOKIE's three terms: cross-modal (a = image, b = text embeddings), image-image (two views),
   text-text (two dropout passes), or WST-level against encoder-level embeddings ("cross_model").
+  `b` may hold K rows per row of `a` (rows i·K..i·K+K-1: the K captions of image i,
+  input.captions_per_image): each is a positive of a_i, and the b-side loss of a_i is the mean
+  of its K rows'.
 
   Args:
-    a, b: [B, D] L2-normalised embeddings; row i of `a` and row i of `b` are the positive pair,
-      every other row of the batch a negative. Gradients flow into both.
+    a: [B, D] L2-normalised embeddings; b: [B·K, D]. Gradients flow into both.
     temp: scalar temperature (may be traced).
-    image_ids: None, or [B] int image id of each pair (multi-positive targets).
+    image_ids: None, or [B] int image id of each row of `a` (multi-positive targets).
 
   Returns:
     [B] float32 per-pair loss.
   """
   logits = a.astype(jnp.float32) @ b.astype(jnp.float32).T / temp
-  if image_ids is None:
+  per_row = b.shape[0] // a.shape[0]
+  if image_ids is None and per_row == 1:
     diagonal = jnp.diagonal(logits)
     ce_ab = jax.nn.logsumexp(logits, axis=1) - diagonal
     ce_ba = jax.nn.logsumexp(logits, axis=0) - diagonal
     return 0.5 * (ce_ab + ce_ba)
-  match = (image_ids[:, None] == image_ids[None, :]).astype(jnp.float32)
-  targets = match / jnp.sum(match, axis=1, keepdims=True)  # symmetric match: rows = columns
-  return 0.5 * (soft_cross_entropy(logits, targets) + soft_cross_entropy(logits.T, targets))
+  ids = jnp.arange(a.shape[0]) if image_ids is None else image_ids
+  match = (ids[:, None] == jnp.repeat(ids, per_row)[None, :]).astype(jnp.float32)  # [B, B·K]
+  ce_ab = soft_cross_entropy(logits, match / jnp.sum(match, axis=1, keepdims=True))
+  ce_ba = soft_cross_entropy(logits.T, match.T / jnp.sum(match.T, axis=1, keepdims=True))
+  return 0.5 * (ce_ab + jnp.mean(ce_ba.reshape(-1, per_row), axis=1))
 
 
 def _kl(log_target, log_pred, stopgrad_target):

@@ -61,8 +61,8 @@ class Passes:
     return self.model.apply({"params": params}, *args, method=method)
 
   def encode(self, params, batch, rng=None):
-    """Clean pass of both towers -> (v [B, E], t [B, E], image global [B, Di], text global
-    [B, Dt]). A tower whose pooled outputs the batch carries (`image_features` [B, Di] /
+    """Clean pass of both towers -> (v [B, E], t [B·K, E], image global [B, Di], text global
+    [B·K, Dt]), K the captions per image of the batch (1: [B, L] text). A tower whose pooled outputs the batch carries (`image_features` [B, Di] /
     `text_features` [B, Dt], cached outputs of a fully locked tower: cots_jax/features.py) runs
     its projection head only."""
     rng_image, rng_text = jax.random.split(rng) if rng is not None else (None, None)
@@ -72,12 +72,14 @@ class Passes:
     else:
       v, image_global = self.apply(params, self.model.visual_embedding,
                                    pipeline.visual_input(batch), rng=rng_image)
+    # K captions per image ([B, K, ...], input.captions_per_image) go through as B·K rows.
+    rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     if "text_features" in batch:
-      text_global = batch["text_features"]
+      text_global = rows(batch["text_features"])
       t = self.apply(params, self.model.embed_text, text_global)
     else:
-      t, text_global = self.apply(params, self.model.text_embedding, batch["text_ids"],
-                                  batch["text_mask"], rng=rng_text)
+      t, text_global = self.apply(params, self.model.text_embedding, rows(batch["text_ids"]),
+                                  rows(batch["text_mask"]), rng=rng_text)
     return v, t, image_global, text_global
 
 

@@ -139,10 +139,11 @@ def make_update_fn(config, model, optimizer):
         "train/amf_kept": jnp.mean(aux["pair_w"]),
         "train/temp": aux["temp"],
         "train/lr": schedule(state["step"]),
-        "train/momentum": decay,
         "train/grad_norm": optax.tree.norm(grads),
         "data/skipped": data_skipped,
     })
+    if params_ema is not None:
+      metrics["train/momentum"] = decay
     return new_state, metrics
 
   return update

@@ -140,3 +140,33 @@ def test_a_locked_image_tower_with_augmented_input_runs_live(tmp_path):
   assert features.cached_towers(config) == ("text",)
   config.input.augment = "none"
   assert features.cached_towers(config) == ("image", "text")
+
+
+def test_k_captions_per_image_carry_their_own_feature_rows_and_train(run):
+  _, built, state, _, tables = run
+  config = built.config.copy_and_resolve_references()
+  config.update_from_flattened_dict({
+      "input.captions_per_image": 2, "loss.itc": 0.0, "loss.kl_align": 0.0, "loss.mvm": 0.0,
+      "loss.cookie_cm": 1.0, "amf.enabled": False, "queue.multi_positive": True})
+  built_k = state_lib.build(config, built.mesh, built.vq_variables)
+  batch = next(pipeline.make_train_iterator(built_k.config, features=tables.train))
+  b = config.input.batch_size
+  assert batch["text_ids"].shape == (b, 2, config.input.max_len)
+  assert batch["text_features"].shape == (b, 2, config.model.text.width)
+  assert "mlm_ids" not in batch
+  live = live_text_features(built, state, batch["text_ids"].reshape(2 * b, -1),
+                            batch["text_mask"].reshape(2 * b, -1))
+  np.testing.assert_allclose(batch["text_features"].reshape(2 * b, -1), live, atol=1e-5)
+  # Flickr-like images have exactly 2 captions here: all of them, in order.
+  update = jax.jit(step_lib.make_update_fn(built_k.config, built_k.model, built_k.optimizer))
+  _, metrics = update(built_k.initial_state(), batch)
+  assert np.isfinite(float(metrics["train/cookie_cm"]))
+
+
+def test_k_captions_per_image_needs_the_in_batch_terms(run):
+  _, built, _, _, _ = run
+  config = built.config.copy_and_resolve_references()
+  config.input.captions_per_image = 2
+  with pytest.raises(ValueError, match=r"^config.input.captions_per_image=2 works with the "
+                     r"in-batch terms only .*loss.itc"):
+    state_lib.prepare_config(config)

@@ -164,6 +164,31 @@ def test_info_nce_matches_numpy_both_directions():
   assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads)
 
 
+def test_info_nce_with_k_captions_per_image_matches_numpy():
+  """b holds K = 3 rows per row of a (its captions): image i's positives are its K captions
+  (and those of another row of the same image id), each caption's positives its image; the
+  caption side is averaged over each image's K rows."""
+  rng = np.random.default_rng(6)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  k, ids = 3, np.array([4, 9, 4, 2], np.int32)
+  a = unit(rng.normal(size=(4, 8))).astype(np.float32)
+  b = unit(rng.normal(size=(4 * k, 8))).astype(np.float32)
+  logits = np.float64(a) @ np.float64(b).T / 0.1
+  match = np.float64(ids[:, None] == np.repeat(ids, k)[None, :])
+  log_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  log_cols = (logits - np.log(np.exp(logits).sum(0, keepdims=True))).T
+  ce_ab = -(match / match.sum(1, keepdims=True) * log_rows).sum(1)
+  ce_ba = -(match.T / match.T.sum(1, keepdims=True) * log_cols).sum(1)
+  want = 0.5 * (ce_ab + ce_ba.reshape(4, k).mean(1))
+  np.testing.assert_allclose(losses.info_nce(a, b, 0.1, jnp.asarray(ids)), want, rtol=1e-5)
+  # Without ids the rows are distinct images.
+  match = np.float64(np.arange(4)[:, None] == np.repeat(np.arange(4), k)[None, :])
+  ce_ab = -(match / match.sum(1, keepdims=True) * log_rows).sum(1)
+  ce_ba = -(match.T / match.T.sum(1, keepdims=True) * log_cols).sum(1)
+  np.testing.assert_allclose(losses.info_nce(a, b, 0.1), 0.5 * (ce_ab + ce_ba.reshape(4, k)
+                                                                .mean(1)), rtol=1e-5)
+
+
 def test_multi_positive_info_nce_spreads_the_target_over_the_pairs_of_one_image():
   """With image ids, every pair of the same image is a positive: target mass 1/m on each of
   the m columns of the row's image, both ways; a float64 numpy reference."""

@@ -116,23 +116,34 @@ class _MakePair:
   image_features: np.ndarray | None = None
   text_features: np.ndarray | None = None
 
+  def _visual(self, item, image_index, rng):
+    """The pair's visual fields, and the decoded pixels (None without) for a second view."""
+    if self.image_features is not None:
+      row = self.image_features[image_index]
+      if np.isnan(row[0]):
+        raise transforms.BadExampleError(item["name"], "it did not decode when the image "
+                                         "features were cached")
+      return {"image_features": row}, None
+    if self.num_frames:
+      return {"video": transforms.to_unit_range(self.image_transform.clip_pixels(
+          item["video"], item["name"], self.num_frames, rng))}, None
+    pixels = transforms.decode_image(item["image"], item["name"])
+    full_size = item.get("full_size")  # set by the decoded-once cache
+    return {"image": self.image_transform(pixels, item["name"], rng, full_size)}, pixels
+
+  def _view(self, pair, item, pixels, rng):
+    """Adds `image_view`, drawn last, so turning the view on leaves every other field of the
+    pair as it was."""
+    if self.view_transform is not None:
+      pair["image_view"] = self.view_transform(pixels, item["name"], rng, item.get("full_size"))
+    return pair
+
   def __call__(self, example, rng):
     image_index, caption_index = self.pairs[int(example)]
     try:
       item = self.source[int(image_index)]
       caption = _pick_caption(item, caption_index, rng)
-      if self.image_features is not None:
-        visual = {"image_features": self.image_features[image_index]}
-        if np.isnan(visual["image_features"][0]):
-          raise transforms.BadExampleError(item["name"], "it did not decode when the image "
-                                           "features were cached")
-      elif self.num_frames:
-        visual = {"video": transforms.to_unit_range(self.image_transform.clip_pixels(
-            item["video"], item["name"], self.num_frames, rng))}
-      else:
-        pixels = transforms.decode_image(item["image"], item["name"])
-        full_size = item.get("full_size")  # set by the decoded-once cache
-        visual = {"image": self.image_transform(pixels, item["name"], rng, full_size)}
+      visual, pixels = self._visual(item, image_index, rng)
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
     ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
@@ -144,10 +155,39 @@ class _MakePair:
             "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
     if self.text_features is not None:
       pair["text_features"] = self.text_features[int(example)]
-    if self.view_transform is not None:
-      # Drawn last, so turning the view on leaves every other field of the pair as it was.
-      pair["image_view"] = self.view_transform(pixels, item["name"], rng, full_size)
-    return pair
+    return self._view(pair, item, pixels, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MakeImageWithCaptions(_MakePair):
+  """(image index, rng) -> one training image with `captions_per_image` of its captions (all of
+  them, in order, when it has exactly that many; else drawn without replacement, or with it when
+  it has fewer): text_ids, text_mask [K, L] (text_features [K, Dt]); no MLM fields."""
+  captions_per_image: int = 1
+  first_pair_of_image: np.ndarray | None = None
+
+  def __call__(self, example, rng):
+    image_index = int(example)
+    try:
+      item = self.source[image_index]
+      captions = item["captions"]
+      if not captions:
+        raise transforms.BadExampleError(item["name"], "no captions")
+      count, wanted = len(captions), self.captions_per_image
+      chosen = (np.arange(count) if count == wanted
+                else rng.choice(count, wanted, replace=count < wanted))
+      texts = [_pick_caption(item, int(j), rng) for j in chosen]
+      visual, pixels = self._visual(item, image_index, rng)
+    except transforms.BadExampleError as error:
+      return bad_example(error, self.on_bad_example)
+    ids, mask = tokenizer_lib.tokenize(self.tokenizer, texts, self.max_len)
+    pair = {**visual, "text_ids": ids, "text_mask": mask,
+            "image_id": np.int32(item["image_id"]),
+            "mvm_mask": masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches,
+                                         self.mvm_mode, self.mvm_min_block)}
+    if self.text_features is not None:
+      pair["text_features"] = self.text_features[self.first_pair_of_image[image_index] + chosen]
+    return self._view(pair, item, pixels, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +304,9 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   everything else, so it is as deterministic and resumable as the rest and leaves the other
   fields unchanged. `features` ({"image": float32 [images, Di], "text": [pairs, Dt]}, the tables
   of cots_jax/features.py) adds each pair's rows as `image_features` (in place of `image`) and
-  `text_features`.
+  `text_features`. With input.captions_per_image = K > 1 an example is a training image with K
+  of its captions (every image once an epoch): text_ids, text_mask [B, K, L], text_features
+  [B, K, Dt], no MLM fields.
   """
   batch_size = config.input.batch_size
   if not 0 <= process_index < process_count or batch_size % process_count:
@@ -274,7 +316,8 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   pairs = pair_table(source)
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
-  make_pair = _MakePair(
+  per_image = inp.captions_per_image
+  fields = dict(
       source=source, pairs=pairs, image_transform=transforms.ImageTransform.for_training(config),
       view_transform=transforms.ImageTransform.for_views(config) if inp.second_view else None,
       num_frames=config.model.num_frames if registry.is_video(config) else 0,
@@ -286,6 +329,13 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
       mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
       on_bad_example=inp.on_bad_example, **{
           f"{tower}_features": table for tower, table in (features or {}).items()})
+  if per_image > 1:
+    make_pair = _MakeImageWithCaptions(
+        **fields, captions_per_image=per_image,
+        first_pair_of_image=np.searchsorted(pairs[:, 0], np.arange(len(source))))
+    num_examples = len(source)
+  else:
+    make_pair, num_examples = _MakePair(**fields), len(pairs)
   if inp.group_batches:
     rows = grouped.grouped_rows(source, pairs, batch_size // process_count, config.seed,
                          process_index, process_count)
@@ -294,7 +344,7 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
     process_seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
     examples = rows.random_map(make_pair, seed=process_seed)
   else:
-    examples = (grain.MapDataset.range(len(pairs))
+    examples = (grain.MapDataset.range(num_examples)
                 .shuffle(seed=config.seed)
                 .repeat()
                 .random_map(make_pair, seed=config.seed)[process_index::process_count])
