@@ -8,7 +8,6 @@ import logging
 import os
 
 import chex
-from etils.epath import backend
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,8 @@ import pytest
 import safetensors.numpy
 
 from cots_jax import feature_cache
-from test_remote_paths import FakeGcs
+# gs:// served from a local folder: test_remote_paths.py's stand-in for GCS.
+from test_remote_paths import fixture_bucket_root  # noqa: F401  pylint: disable=unused-import
 
 N, BATCH, D_IN, D = 23, 8, 4, 3
 NAME = "coco_text"
@@ -227,16 +227,6 @@ def test_a_build_of_another_shape_or_dtype_is_refused_and_not_written(tmp_path):
   with pytest.raises(ValueError, match=rf"returned float64 \[{N}, {D}\], not float32"):
     load(tmp_path, CountingBuild(features(dtype=np.float64)))
   assert not os.listdir(tmp_path)
-
-
-@pytest.fixture(name="bucket_root")
-def fixture_bucket_root(tmp_path, monkeypatch):
-  """gs:// served from a local folder (test_remote_paths.py's stand-in for GCS)."""
-  root = tmp_path / "gcs"
-  root.mkdir()
-  store = FakeGcs(str(root))
-  monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: store)
-  return root
 
 
 def test_a_cache_on_a_bucket_is_built_read_back_and_rebuilt_when_truncated(bucket_root):
