@@ -53,12 +53,12 @@ def flickr8k_data(config):
 
 def flickr8k_towers(config):
   """The Flickr8k towers, shared by pre-training and fine-tuning (their shapes must match): a
-  ViT of depth 4, width 192 on 64 px images in 8 px patches, MiniLM-L6 (384 wide, mean-pooled as
-  sentence-transformers trains it) as the text tower."""
+  ViT of depth 4, width 192 on 64 px images in 8 px patches, MiniLM-L6 (384 wide) as the text
+  tower, both mean-pooled (the tiny default `model.pool`, as sentence-transformers trains
+  MiniLM)."""
   image = config.model.image
   image.image_size, image.patch_size, image.width, image.depth, image.heads = 64, 8, 192, 4, 3
   config.model.text.init = minilm_dir()
-  config.model.pool = "mean"
 
 
 def lit_recipe(config):

@@ -24,7 +24,6 @@ import os
 import uuid
 
 from absl import logging
-from etils import epath
 import jax
 import numpy as np
 import safetensors
@@ -54,7 +53,7 @@ def fingerprint(*, weights, preprocessing, examples):
     weights: a pytree of arrays (numpy or fully addressable jax), the tower's parameters. Each
       leaf's key path, dtype, shape and bytes count, in the pytree's flattening order.
     preprocessing: a JSON-serialisable dict of everything else that shapes the output (tokenizer
-      vocabulary digest, max_len, image size, normalisation, pooling...); key order is ignored.
+      settings, max_len, image size, normalisation, pooling...); key order is ignored.
     examples: a sequence of str or bytes naming the examples in order (captions' text, image paths
       with size and mtime: the caller decides); order counts.
 
@@ -76,13 +75,6 @@ def fingerprint(*, weights, preprocessing, examples):
   for example in examples:
     _update_framed(digest, example.encode() if isinstance(example, str) else example)
   return digest.hexdigest()
-
-
-def file_digest(path):
-  """The sha256 hex digest of the bytes of the file at `path` (local or gs://), e.g. a tokenizer
-  vocabulary for `fingerprint`'s `preprocessing`."""
-  with epath.Path(path).open("rb") as file:
-    return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _read(path):

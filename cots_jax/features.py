@@ -196,8 +196,8 @@ class _Builder:
     """float32 [split.num_images, Di] of the image tower on the eval split's images."""
     images = split.image_pixels(np.arange(split.num_images))
     return self._table("image", "eval", [images.tobytes()],
-                       {"image_size": self.config.model.image.image_size},
-                       split.num_images, self.image_fn, lambda rows: (transforms.to_unit_range(images[rows]),))
+                       {"image_size": self.config.model.image.image_size}, split.num_images,
+                       self.image_fn, lambda rows: (transforms.to_unit_range(images[rows]),))
 
 
 def feature_tables(config, model, params, split, workdir):

@@ -46,7 +46,7 @@ def tower_lock(config, tower):
 
 def fully_locked(config, tower):
   """True when no parameter of `tower` trains."""
-  return tower_lock(config, tower) == 0 and config.model[tower].locked != NONE
+  return tower_lock(config, tower) == 0
 
 
 def any_locked(config):

@@ -62,9 +62,9 @@ class Passes:
 
   def encode(self, params, batch, rng=None):
     """Clean pass of both towers -> (v [B, E], t [B·K, E], image global [B, Di], text global
-    [B·K, Dt]), K the captions per image of the batch (1: [B, L] text). A tower whose pooled outputs the batch carries (`image_features` [B, Di] /
-    `text_features` [B, Dt], cached outputs of a fully locked tower: cots_jax/features.py) runs
-    its projection head only."""
+    [B·K, Dt]), K the captions per image of the batch (1: [B, L] text). A tower whose pooled
+    outputs the batch carries (`image_features` [B, Di] / `text_features` [B, (K,) Dt], cached
+    outputs of a fully locked tower: cots_jax/features.py) runs its projection head only."""
     rng_image, rng_text = jax.random.split(rng) if rng is not None else (None, None)
     if "image_features" in batch:
       image_global = batch["image_features"]

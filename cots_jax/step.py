@@ -30,7 +30,8 @@ def clamp_temperature(config, params):
   so the parameter itself never drifts past a bound where its gradient would vanish."""
   if not config.temp.learnable:
     return params
-  return dict(params, temp=jnp.clip(params["temp"], config.temp.min, config.temp.max))
+  return dict(params, temp=losses.clamp_temperature(params["temp"], config.temp.min,
+                                                     config.temp.max))
 
 
 def temperature(config, params):

@@ -91,12 +91,7 @@ def _train_and_evaluate(config, workdir, preemption):
     state = built.with_vq(vq_variables).initial_state()
 
   # --- training stream, with the cached features of fully locked towers (computed once)
-  tables = features.feature_tables(config, built.model, state["params"], split, workdir)
-  if tables is not None:
-    split.attach_features(tables.eval)
-  train_iter = pipeline.make_train_iterator(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
-      features=tables.train if tables else None)
+  train_iter = _training_stream(config, built.model, state["params"], split, workdir)
   if resuming:
     checkpoint.restore_data_position(manager, train_iter)
   if is_chief:
@@ -140,6 +135,17 @@ def _train_and_evaluate(config, workdir, preemption):
   if is_chief and results:
     (epath.Path(workdir) / "final_eval.json").write_text(json.dumps(results, indent=2))
   return results
+
+
+def _training_stream(config, model, params, split, workdir):
+  """This process's training iterator; the cached features of fully locked towers (computed
+  with `params` or read from their cache) go into its batches and into the eval split's."""
+  tables = features.feature_tables(config, model, params, split, workdir)
+  if tables is not None:
+    split.attach_features(tables.eval)
+  return pipeline.make_train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      features=tables.train if tables else None)
 
 
 def _loop(config, state, update, batches, start_step, manager, train_iter, writer, preemption,

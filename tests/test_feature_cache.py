@@ -2,7 +2,6 @@
 back only under a matching fingerprint, format version, shape and dtype, rebuilt (with a log line
 saying why) from anything else, written so that a crash leaves no half file."""
 
-import hashlib
 import json
 import logging
 import os
@@ -239,12 +238,6 @@ def test_a_cache_on_a_bucket_is_built_read_back_and_rebuilt_when_truncated(bucke
   truncated(stored / f"{NAME}.safetensors")
   np.testing.assert_array_equal(load("gs://bucket/features", build), build.array)
   assert build.calls == 2
-
-
-def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
-  (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n[UNK]\n")
-  assert (feature_cache.file_digest(tmp_path / "vocab.txt")
-          == hashlib.sha256(b"[PAD]\n[UNK]\n").hexdigest())
 
 
 def test_compute_features_equals_the_tower_over_all_examples_in_one_compilation():
