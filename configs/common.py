@@ -94,6 +94,10 @@ def model_config(size="tiny"):
   m.image.gelu = "exact"  # exact (erf) | tanh
   # Patch positions: "learn" (small-initialised, as hub checkpoints) | "sincos2d" (fixed).
   m.image.posemb = "learn"
+  # Patch embedding: "patch" (one patch_size x patch_size convolution, ViT) | "conv" (3 x 3
+  # stride-2 convolutions + LayerNorm + GELU, then a 1 x 1 projection: Xiao et al. 2021's early
+  # convolutions; patch_size a power of 2, no hub checkpoint).
+  m.image.stem = "patch"
   # A local ViT checkpoint (cots_jax/pretrained.py): a Hugging Face ViTModel directory, a timm
   # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
   # size stays, position embeddings are interpolated to it) and its weights the tower's.
@@ -163,7 +167,8 @@ def base_config(size="tiny"):
   # optimizer, queues, AMF statistics and step start fresh. "" = off. A workdir that already has
   # checkpoints resumes from them instead.
   c.init_from = ""
-  # True: params_ema comes from init_from's momentum towers; False: it starts as a copy of params.
+  # True: params_ema comes from init_from's momentum towers (a leaf it locked, from its params);
+  # False: it starts as a copy of params.
   c.init_from_ema = False
   # True (configs/finetune_retrieval.py): refuse to start without init_from.
   c.require_init_from = False

@@ -34,6 +34,7 @@ import uuid
 
 from absl import logging
 from etils import epath
+from flax import traverse_util
 import grain
 import jax
 import jax.numpy as jnp
@@ -367,17 +368,16 @@ def load_towers(path, state, use_ema=False):
   Args:
     path: that run's workdir, or its checkpoints directory (local or gs://).
     state: the fresh train state (its params give the wanted shapes and shardings).
-    use_ema: True loads the run's momentum towers into params_ema; False starts params_ema as a
-      copy of the loaded params (the momentum encoder starts equal to the online one).
+    use_ema: True loads the run's momentum towers into params_ema (a leaf that the run locked,
+      and so kept no momentum copy of, comes from its params); False starts params_ema as a copy
+      of the loaded params (the momentum encoder starts equal to the online one).
 
   Raises:
-    as `restore_params`.
+    as `restore_params`; ValueError when `use_ema` and the run has no momentum encoder.
   """
-  target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"])}
-  if use_ema:
-    target["params_ema"] = jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params_ema"])
-  restored, _ = restore_params(path, target, what="config.init_from",
-                               optional=ADDED_BY_FINE_TUNING)
+  wanted = jax.tree.map(ocp.utils.to_shape_dtype_struct, state["params"])
+  restored, step = restore_params(path, {"params": wanted}, what="config.init_from",
+                                  optional=ADDED_BY_FINE_TUNING)
   fresh = sorted(set(state["params"]) - set(restored["params"]))
   if fresh:
     logging.info("config.init_from has no %s: they start from their fresh initialisation",
@@ -385,9 +385,32 @@ def load_towers(path, state, use_ema=False):
   params = {**state["params"], **restored["params"]}
   if "params_ema" not in state:
     return dict(state, params=params)
-  params_ema = ({**state["params_ema"], **restored["params_ema"]} if use_ema
-                else jax.tree.map(jnp.copy, locking.like(params, state["params_ema"])))
+  if use_ema:
+    momentum = locking.momentum_tree(params, _momentum_towers(path, step, wanted))
+    params_ema = locking.like(momentum, state["params_ema"])
+  else:
+    params_ema = jax.tree.map(jnp.copy, locking.like(params, state["params_ema"]))
   return dict(state, params=params, params_ema=params_ema)
+
+
+def _momentum_towers(path, step, wanted):
+  """The params_ema leaves that step `step` of the run at `path` saved (its trainable leaves),
+  in the shapes and shardings of `wanted` (the params tree).
+
+  Raises:
+    ValueError when that checkpoint has no params_ema (no term of the run read a momentum
+    encoder); as `restore_params` when its leaves do not fit `wanted`.
+  """
+  saved = saved_tree(checkpoints_directory(path) / str(step) / "state").get("params_ema")
+  if not saved:
+    raise ValueError(f"config.init_from_ema=True: config.init_from={str(path)!r} has no "
+                     "momentum encoder (no term of its objective read one); set "
+                     "config.init_from_ema=False")
+  flat_wanted = traverse_util.flatten_dict(wanted)
+  target = traverse_util.unflatten_dict({
+      key: flat_wanted[key] for key in traverse_util.flatten_dict(saved) if key in flat_wanted})
+  return restore_params(path, {"params_ema": target}, step=step,
+                        what="config.init_from")[0]["params_ema"]
 
 
 # --------------------------------------------------------------------------------- preemption

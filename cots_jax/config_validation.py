@@ -34,6 +34,7 @@ CHOICES = {
     "model.text.gelu": bert.GELU_FORMS,
     "model.image.gelu": bert.GELU_FORMS,
     "model.image.posemb": vit.POSEMBS,
+    "model.image.stem": vit.STEMS,
     "vq.codebook_update": vq_trainer.CODEBOOK_UPDATES,
     "momentum.schedule": momentum.MOMENTUM_SCHEDULES,
     "kl.direction": losses.KL_DIRECTIONS,
@@ -106,6 +107,12 @@ def _validate_model(config):
   if image.posemb != "learn" and image.init:
     _fail("model.image.posemb", image.posemb, "must be 'learn' with model.image.init: hub ViT "
           "checkpoints carry learned position embeddings")
+  if image.stem == "conv" and image.init:
+    _fail("model.image.stem", image.stem, "must be 'patch' with model.image.init: hub ViT "
+          "checkpoints carry a patch embedding, not a conv stem")
+  if image.stem == "conv" and (image.patch_size < 2 or image.patch_size & (image.patch_size - 1)):
+    _fail("model.image.patch_size", image.patch_size, "must be a power of 2 (>= 2) for "
+          "model.image.stem='conv' (one stride-2 convolution per halving)")
   for tower in ("image", "text"):
     group = config.model[tower]
     if group.width % group.heads:

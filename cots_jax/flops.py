@@ -12,6 +12,7 @@ from cots_jax import locking
 from cots_jax import objectives
 from cots_jax import shapes
 from cots_jax.data import masking
+from cots_jax.models import vit
 
 
 def transformer_forward_flops(tokens, width, depth, mlp_ratio):
@@ -24,13 +25,27 @@ def transformer_forward_flops(tokens, width, depth, mlp_ratio):
   return depth * per_layer
 
 
+def patch_embedding_flops(config):
+  """One image's patch embedding: the patch convolution, or the conv stem (3 x 3 stride-2
+  layers, each halving the side, then the 1 x 1 projection; norms and GELU not counted)."""
+  image = config.model.image
+  patches = shapes.num_patches(config)
+  if image.stem == "patch":
+    return 2 * patches * image.patch_size**2 * 3 * image.width
+  flops, side, channels = 0, image.image_size, 3
+  for out in vit.conv_stem_channels(image.patch_size, image.width):
+    side = -(-side // 2)
+    flops += 2 * side**2 * 9 * channels * out
+    channels = out
+  return flops + 2 * patches * channels * image.width
+
+
 def image_tower_forward_flops(config):
   """One image through the ViT: patch embedding + encoder."""
   image = config.model.image
   patches = shapes.num_patches(config)
-  patch_embed = 2 * patches * image.patch_size**2 * 3 * image.width
-  return patch_embed + transformer_forward_flops(patches + 1, image.width, image.depth,
-                                                 image.mlp_ratio)
+  return patch_embedding_flops(config) + transformer_forward_flops(
+      patches + 1, image.width, image.depth, image.mlp_ratio)
 
 
 def text_tower_forward_flops(config):

@@ -365,6 +365,32 @@ def test_init_from_loads_towers_and_heads_and_leaves_the_rest_fresh(reference_ru
   assert not np.array_equal(saved["params_ema/text_proj/kernel"], saved["params/text_proj/kernel"])
 
 
+def test_init_from_ema_takes_locked_leaves_from_params_and_refuses_a_run_without_momentum(
+    tmp_path):
+  """A run with a locked tower keeps no momentum copy of it: its params_ema lacks that tower."""
+  locked_run = dict(small_state(), params={**small_state()["params"],
+                                           "frozen": {"kernel": jnp.full((2,), 5.0)}})
+  manager = checkpoint.checkpoint_manager(str(tmp_path / "locked"), tiny_config())
+  checkpoint.save_checkpoint(manager, 3, locked_run, small_iterator())
+  checkpoint.finish(manager)
+  wanted = dict(small_state(0.0), params={**small_state(0.0)["params"],
+                                          "frozen": {"kernel": jnp.zeros(2)}})
+  wanted["params_ema"] = jax.tree.map(jnp.zeros_like, wanted["params"])
+  loaded = checkpoint.load_towers(str(tmp_path / "locked"), wanted, use_ema=True)
+  np.testing.assert_array_equal(loaded["params_ema"]["frozen"]["kernel"], [5.0, 5.0])
+  np.testing.assert_array_equal(loaded["params_ema"]["tower"]["kernel"], np.full((4, 3), 2.0))
+  np.testing.assert_array_equal(loaded["params"]["tower"]["kernel"], np.full((4, 3), 1.0))
+
+  no_momentum = {key: value for key, value in small_state().items() if key != "params_ema"}
+  manager = checkpoint.checkpoint_manager(str(tmp_path / "lit"), tiny_config())
+  checkpoint.save_checkpoint(manager, 3, no_momentum, small_iterator())
+  checkpoint.finish(manager)
+  with pytest.raises(ValueError, match="has no momentum encoder .*init_from_ema=False"):
+    checkpoint.load_towers(str(tmp_path / "lit"), small_state(), use_ema=True)
+  loaded = checkpoint.load_towers(str(tmp_path / "lit"), small_state(0.0))
+  np.testing.assert_array_equal(loaded["params_ema"]["tower"]["kernel"], np.ones((4, 3)))
+
+
 def test_init_from_lists_missing_unexpected_and_mis_shaped_parameters(tmp_path):
   manager = checkpoint.checkpoint_manager(str(tmp_path), tiny_config())
   checkpoint.save_checkpoint(manager, 3, small_state(), small_iterator())

@@ -73,6 +73,7 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("input.on_bad_example", "error", r"config.input.on_bad_example='error' must be one of"),
     ("input.augment", "flip", r"config.input.augment='flip' must be one of"),
     ("model.image.posemb", "rope", r"config.model.image.posemb='rope' must be one of"),
+    ("model.image.stem", "resnet", r"config.model.image.stem='resnet' must be one of"),
     ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
     ("input.data.name", "captions_json",
      r"config.input.data.annotations='' must be set for input.data.name='captions_json'"),
@@ -105,6 +106,18 @@ def test_sincos2d_positions_need_a_width_of_fours_and_no_hub_weights():
     config_validation.validate(config)
   config.model.image.update(width=192, init="vit-b16.npz")
   with pytest.raises(ValueError, match="posemb='sincos2d' must be 'learn' with model.image.init"):
+    config_validation.validate(config)
+
+
+def test_conv_stem_needs_a_power_of_two_patch_and_no_hub_weights():
+  config = pretrain.get_config()
+  config.model.image.stem = "conv"
+  config_validation.validate(config)
+  config.model.image.update(image_size=48, patch_size=6)
+  with pytest.raises(ValueError, match="patch_size=6 must be a power of 2"):
+    config_validation.validate(config)
+  config.model.image.update(patch_size=8, init="vit-b16.npz")
+  with pytest.raises(ValueError, match="stem='conv' must be 'patch' with model.image.init"):
     config_validation.validate(config)
 
 

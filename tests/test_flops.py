@@ -34,8 +34,10 @@ def test_transformer_forward_flops_counts_the_matmuls():
   assert flops.transformer_forward_flops(tokens, width, depth, ratio) == expected
 
 
-def test_image_tower_flops_match_xla_within_ten_percent():
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_image_tower_flops_match_xla_within_ten_percent(stem):
   config = _config()
+  config.model.image.stem = stem
   model = vit.ViT.from_config(config.model.image, jnp.float32)
   images = jnp.zeros((1, 32, 32, 3))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)

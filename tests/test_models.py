@@ -10,7 +10,7 @@ from configs.common import base_config, model_config
 from cots_jax.models import bert as bert_lib
 from cots_jax.models.bert import Bert
 from cots_jax.models.cots import CotsModel, MvlmHead, dtype_from_name, l2_normalize
-from cots_jax.models.vit import ViT
+from cots_jax.models.vit import ConvStem, ViT, conv_stem_channels
 
 LN_EPS = 1e-6  # flax LayerNorm default (ViT, heads).
 
@@ -528,3 +528,53 @@ def test_global_vectors_are_cls_or_masked_means(pool):
                                   method="text_embedding")
   np.testing.assert_allclose(text_global, expected_text, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(embedding, out["text_embed"], rtol=1e-5, atol=1e-6)
+
+
+def np_conv3x3_stride2(x, kernel):
+  """3 x 3 stride-2 convolution with XLA's SAME padding of an even side (nothing before, one
+  row / column after): `[B, S, S, C] -> [B, S/2, S/2, O]`, written per output pixel."""
+  batch, side, _, _ = x.shape
+  padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+  out = np.zeros((batch, side // 2, side // 2, kernel.shape[-1]))
+  for i in range(side // 2):
+    for j in range(side // 2):
+      window = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+      out[:, i, j] = np.einsum("bhwc,hwco->bo", window, kernel)
+  return out
+
+
+def test_conv_stem_matches_a_numpy_reference_and_halves_per_layer():
+  assert conv_stem_channels(8, 192) == [48, 96, 192]
+  assert conv_stem_channels(16, 768) == [96, 192, 384, 768]
+  with pytest.raises(ValueError, match="power of 2"):
+    conv_stem_channels(6, 192)
+  stem = ConvStem(patch_size=4, width=16)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+  params = _init(stem, jnp.asarray(images))
+  p = to_np(params)
+  p = jax.tree.map(lambda a: a + np.random.default_rng(1).normal(0, 0.1, a.shape), p)
+  x = images.astype(np.float64)
+  for i in range(2):
+    x = np_gelu(np_layer_norm(np_conv3x3_stride2(x, p[f"conv_{i}"]["kernel"]),
+                              p[f"norm_{i}"], LN_EPS))
+  want = x @ p["proj"]["kernel"][0, 0] + p["proj"]["bias"]
+  got = stem.apply({"params": jax.tree.map(jnp.float32, p)}, images)
+  assert got.shape == (2, 2, 2, 16)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_vit_with_conv_stem_keeps_the_token_layout_and_masks_after_the_stem():
+  vit = ViT(image_size=16, patch_size=4, width=16, depth=1, heads=2, stem="conv")
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  params = _init(vit, images)
+  assert "patch_embed" not in params
+  assert set(params["stem"]) == {"conv_0", "norm_0", "conv_1", "norm_1", "proj"}
+  plain = vit.apply({"params": params}, images)
+  assert plain.shape == (2, 17, 16)
+  mask = np.zeros((2, 16), bool)
+  mask[:, 3] = True
+  masked = vit.apply({"params": params}, images, jnp.asarray(mask))
+  assert np.abs(np.asarray(masked - plain)).max() > 1e-3
+  with pytest.raises(ValueError, match=r"stem must be one of \('patch', 'conv'\)"):
+    ViT(image_size=8, patch_size=4, width=8, depth=1, heads=2, stem="resnet").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

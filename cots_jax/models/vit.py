@@ -12,6 +12,39 @@ import jax.numpy as jnp
 
 # Patch positions: learned (hub checkpoints) or big_vision's fixed 2-D sine-cosine.
 POSEMBS = ("learn", "sincos2d")
+# Patch embedding: one p x p convolution (ViT), or a stack of 3 x 3 stride-2 convolutions and a
+# 1 x 1 projection (Xiao et al. 2021, "Early convolutions help transformers see better").
+STEMS = ("patch", "conv")
+
+
+def conv_stem_channels(patch_size, width):
+  """Output channels of the conv stem's 3 x 3 stride-2 layers: log2(patch_size) of them, doubling
+  up to `width` (patch 8, width 192: 48, 96, 192)."""
+  layers = patch_size.bit_length() - 1
+  if patch_size != 2 ** layers or layers == 0:
+    raise ValueError(f"the conv stem needs a patch_size that is a power of 2 (>= 2), "
+                     f"got {patch_size}")
+  return [max(width // 2 ** (layers - 1 - i), 1) for i in range(layers)]
+
+
+class ConvStem(nn.Module):
+  """`[B, H, W, 3] -> [B, H/p, W/p, width]`: 3 x 3 stride-2 convolutions, each followed by a
+  LayerNorm over channels and GELU (no batch statistics), then a 1 x 1 projection to `width`."""
+  patch_size: int
+  width: int
+  dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
+  gelu_approximate: bool = False
+
+  @nn.compact
+  def __call__(self, images):
+    x = images
+    for i, channels in enumerate(conv_stem_channels(self.patch_size, self.width)):
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
+                  dtype=self.dtype, name=f"conv_{i}")(x)
+      x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=f"norm_{i}")(x)
+      x = nn.gelu(x, approximate=self.gelu_approximate)
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, name="proj")(x)
 
 
 class MlpBlock(nn.Module):
@@ -86,6 +119,8 @@ class ViT(nn.Module):
       hub checkpoints have) or "sincos2d" (fixed 2-D sine-cosine patch positions, none for
       [CLS], as big_vision's posemb="sincos2d": no parameter, and position is visible from step
       0 at the scale of the patch embeddings).
+    stem: "patch" (one patch_size x patch_size convolution, `patch_embed`) or "conv" (ConvStem,
+      `stem`: patch_size must be a power of 2).
   """
   image_size: int
   patch_size: int
@@ -99,6 +134,7 @@ class ViT(nn.Module):
   layer_norm_eps: float = 1e-6
   gelu: str = "exact"
   posemb: str = "learn"
+  stem: str = "patch"
 
   @classmethod
   def from_config(cls, image_config, dtype=jnp.float32, remat=False):
@@ -107,7 +143,7 @@ class ViT(nn.Module):
                width=image_config.width, depth=image_config.depth, heads=image_config.heads,
                mlp_ratio=image_config.mlp_ratio, dropout=image_config.dropout, dtype=dtype,
                remat=remat, layer_norm_eps=image_config.layer_norm_eps,
-               gelu=image_config.gelu, posemb=image_config.posemb)
+               gelu=image_config.gelu, posemb=image_config.posemb, stem=image_config.stem)
 
   @property
   def grid_size(self):
@@ -137,8 +173,14 @@ class ViT(nn.Module):
     if images.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"ViT built for {self.image_size}px images got {images.shape[1:3]}")
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="patch_embed")(images)
+    if self.stem == "patch":
+      x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                  name="patch_embed")(images)
+    elif self.stem == "conv":
+      x = ConvStem(p, self.width, self.dtype, self.layer_norm_eps, self.gelu == "tanh",
+                   name="stem")(images)
+    else:
+      raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
     batch = x.shape[0]
     x = x.reshape(batch, self.num_patches, self.width)
 
