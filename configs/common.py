@@ -98,6 +98,9 @@ def model_config(size="tiny"):
   # stride-2 convolutions + LayerNorm + GELU, then a 1 x 1 projection: Xiao et al. 2021's early
   # convolutions; patch_size a power of 2, no hub checkpoint).
   m.image.stem = "patch"
+  # Fraction of patch tokens dropped at random from each training image (FLIP, Li et al. 2023):
+  # the encoder runs on the rest, so a step costs about that fraction less; eval sees them all.
+  m.image.token_drop = 0.0
   # A local ViT checkpoint (cots_jax/pretrained.py): a Hugging Face ViTModel directory, a timm
   # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
   # size stays, position embeddings are interpolated to it) and its weights the tower's.

@@ -113,6 +113,11 @@ def _validate_model(config):
   if image.stem == "conv" and (image.patch_size < 2 or image.patch_size & (image.patch_size - 1)):
     _fail("model.image.patch_size", image.patch_size, "must be a power of 2 (>= 2) for "
           "model.image.stem='conv' (one stride-2 convolution per halving)")
+  if not 0.0 <= image.token_drop < 1.0:
+    _fail("model.image.token_drop", image.token_drop, "must lie in [0, 1)")
+  if image.token_drop > 0 and config.loss.mvm > 0:
+    _fail("model.image.token_drop", image.token_drop, "must be 0 with loss.mvm > 0: MVM "
+          "predicts the masked patches from the tokens of every patch")
   for tower in ("image", "text"):
     group = config.model[tower]
     if group.width % group.heads:

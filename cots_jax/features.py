@@ -36,6 +36,8 @@ def why_live(config, tower):
     return "the WST reads its tokens, not its pooled output"
   if model[tower].dropout > 0:
     return f"model.{tower}.dropout={model[tower].dropout} makes every pass differ"
+  if tower == "image" and model.image.token_drop > 0:
+    return f"model.image.token_drop={model.image.token_drop} makes every pass differ"
   if tower == "text":
     if loss.mlm > 0:
       return "MLM reads its tokens on masked captions"

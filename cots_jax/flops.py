@@ -2,7 +2,8 @@
 
 A multiply-add counts as 2 FLOPs; a backward pass costs twice its forward. Every pass that the
 step runs is counted: clean online pair (forward + backward, none below a locked tower's
-trainable blocks, nothing for a cached tower), momentum pair (forward, when a term reads it),
+trainable blocks, nothing for a cached tower, the image encoder on the tokens that
+`model.image.token_drop` keeps), momentum pair (forward, when a term reads it),
 masked text and masked image passes with the MLM / MVM heads (forward + backward; approximated
 as full backward also on a locked tower), the frozen VQ encoder (forward), the contrastive logits
 against batch and queue.
@@ -40,12 +41,18 @@ def patch_embedding_flops(config):
   return flops + 2 * patches * channels * image.width
 
 
-def image_tower_forward_flops(config):
-  """One image through the ViT: patch embedding + encoder."""
+def image_tokens(config, train=False):
+  """The tokens of one image in the ViT's encoder: [CLS] + the patches, less
+  `model.image.token_drop` of them in a training pass."""
   image = config.model.image
-  patches = shapes.num_patches(config)
+  return vit.kept_patches(shapes.num_patches(config), image.token_drop if train else 0.0) + 1
+
+
+def image_tower_forward_flops(config, train=False):
+  """One image through the ViT: patch embedding (of every patch) + encoder."""
+  image = config.model.image
   return patch_embedding_flops(config) + transformer_forward_flops(
-      patches + 1, image.width, image.depth, image.mlp_ratio)
+      image_tokens(config, train), image.width, image.depth, image.mlp_ratio)
 
 
 def text_tower_forward_flops(config):
@@ -76,12 +83,12 @@ def _tower_flops(config, tower, cached):
   blocks below and the embeddings need no gradient)."""
   if tower in cached:
     return 0, 0
-  forward = (image_tower_forward_flops(config) if tower == "image"
+  forward = (image_tower_forward_flops(config, train=True) if tower == "image"
              else text_tower_forward_flops(config))
   if config.model[tower].locked == locking.NONE:
     return forward, 2 * forward
   group = config.model[tower]
-  tokens = shapes.num_patches(config) + 1 if tower == "image" else config.input.max_len
+  tokens = image_tokens(config, train=True) if tower == "image" else config.input.max_len
   unlocked = locking.tower_lock(config, tower)
   return forward, 2 * transformer_forward_flops(tokens, group.width, unlocked, group.mlp_ratio)
 

@@ -43,14 +43,14 @@ def reduce(loss, pair_weights):
 @dataclasses.dataclass(frozen=True)
 class Passes:
   """The model's forward passes as a step runs them: a tower pass given an `rng` runs in train
-  mode (dropout) when the config has dropout."""
+  mode when the config has dropout or image token drop."""
   config: Any
   model: Any
 
   @property
   def dropout(self):
     model = self.config.model
-    return (model.image.dropout > 0 or model.text.dropout > 0
+    return (model.image.dropout > 0 or model.text.dropout > 0 or model.image.token_drop > 0
             or (model.use_wst and model.wst_dropout > 0))
 
   def apply(self, params, method, *args, rng=None):

@@ -74,6 +74,8 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("input.augment", "flip", r"config.input.augment='flip' must be one of"),
     ("model.image.posemb", "rope", r"config.model.image.posemb='rope' must be one of"),
     ("model.image.stem", "resnet", r"config.model.image.stem='resnet' must be one of"),
+    ("model.image.token_drop", 1.0, r"config.model.image.token_drop=1.0 must lie in \[0, 1\)"),
+    ("model.image.token_drop", 0.5, r"token_drop=0.5 must be 0 with loss.mvm > 0: MVM predicts"),
     ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
     ("input.data.name", "captions_json",
      r"config.input.data.annotations='' must be set for input.data.name='captions_json'"),

@@ -140,6 +140,9 @@ def test_a_locked_image_tower_with_augmented_input_runs_live(tmp_path):
   assert features.cached_towers(config) == ("text",)
   config.input.augment = "none"
   assert features.cached_towers(config) == ("image", "text")
+  config.model.image.token_drop = 0.5
+  assert features.why_live(config, "image") == "model.image.token_drop=0.5 makes every pass differ"
+  assert features.cached_towers(config) == ("text",)
 
 
 def test_k_captions_per_image_carry_their_own_feature_rows_and_train(run):

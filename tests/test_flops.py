@@ -52,9 +52,12 @@ LIT = {"loss.itc": 0.0, "loss.cookie_cm": 1.0, "amf.enabled": False}
 @pytest.mark.parametrize("weights, overrides", [
     ({}, {}), ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}, {}),
     ({"mlm": 0.0}, LOCKED_TEXT),
-    ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}, {**LOCKED_TEXT, **LIT})])
+    ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0}, {**LOCKED_TEXT, **LIT}),
+    ({"mlm": 0.0, "mvm": 0.0, "kl_align": 0.0},
+     {**LOCKED_TEXT, **LIT, "model.image.token_drop": 0.5})])
 def test_step_flops_per_pair_match_xla_within_fifteen_percent(weights, overrides):
-  """Also with the text tower locked (no backward through it) and without a momentum encoder."""
+  """Also with the text tower locked (no backward through it), without a momentum encoder and
+  with half the image tokens dropped."""
   config = _config()
   config.loss.update(weights)
   config.update_from_flattened_dict(overrides)

@@ -10,6 +10,7 @@ from configs.common import base_config, model_config
 from cots_jax.models import bert as bert_lib
 from cots_jax.models.bert import Bert
 from cots_jax.models.cots import CotsModel, MvlmHead, dtype_from_name, l2_normalize
+from cots_jax.models import vit as vit_lib
 from cots_jax.models.vit import ConvStem, ViT, conv_stem_channels
 
 LN_EPS = 1e-6  # flax LayerNorm default (ViT, heads).
@@ -578,3 +579,26 @@ def test_vit_with_conv_stem_keeps_the_token_layout_and_masks_after_the_stem():
   with pytest.raises(ValueError, match=r"stem must be one of \('patch', 'conv'\)"):
     ViT(image_size=8, patch_size=4, width=8, depth=1, heads=2, stem="resnet").init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_token_drop_keeps_a_random_ordered_subset_of_patches_in_train_mode_only():
+  assert [vit_lib.kept_patches(64, 0.5), vit_lib.kept_patches(16, 0.25),
+          vit_lib.kept_patches(3, 0.9)] == [32, 12, 1]
+  # Depth 0: each output token is LN(patch + position), so a kept token equals its eval row.
+  vit = ViT(image_size=16, patch_size=4, width=8, depth=0, heads=2, token_drop=0.5)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
+  params = _init(vit, images)
+  full = np.asarray(vit.apply({"params": params}, images))
+  np.testing.assert_array_equal(full, ViT(16, 4, 8, 0, 2).apply({"params": params}, images))
+  kept = np.asarray(vit.apply({"params": params}, images, train=True,
+                              rngs={"dropout": jax.random.key(3)}))
+  assert full.shape == (4, 17, 8) and kept.shape == (4, 9, 8)
+  np.testing.assert_array_equal(kept[:, 0], full[:, 0])
+  subsets = []
+  for row in range(4):
+    distance = np.abs(kept[row, 1:, None] - full[row, None, 1:]).max(-1)
+    index = distance.argmin(-1)
+    np.testing.assert_allclose(distance[np.arange(8), index], 0, atol=1e-6)
+    assert np.all(np.diff(index) > 0)
+    subsets.append(tuple(index))
+  assert len(set(subsets)) > 1

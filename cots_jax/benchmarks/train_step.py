@@ -31,7 +31,6 @@ from ml_collections import config_flags
 from cots_jax import benchmarks
 from cots_jax import features
 from cots_jax import flops
-from cots_jax import shapes
 from cots_jax import sharding
 from cots_jax import state as state_lib
 from cots_jax import step as step_lib
@@ -48,7 +47,7 @@ def largest_gemm(config):
   """(M, K, N) of the biggest matmul of the towers: the MLP up-projection over the batch."""
   b = config.input.batch_size
   image, text = config.model.image, config.model.text
-  n_img = shapes.num_patches(config) + 1
+  n_img = flops.image_tokens(config, train=True)
   gemms = [(b * n_img, image.width, int(image.width * image.mlp_ratio)),
            (b * config.input.max_len, text.width, int(text.width * text.mlp_ratio))]
   return max(gemms, key=lambda s: s[0] * s[1] * s[2])

@@ -8,6 +8,7 @@ patch embeddings are swapped for a learned `mask_token` before the position embe
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Patch positions: learned (hub checkpoints) or big_vision's fixed 2-D sine-cosine.
@@ -103,6 +104,20 @@ def posemb_sincos_2d(grid_size, width, temperature=10_000.0):
   return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
 
 
+def kept_patches(num_patches, token_drop):
+  """The patch tokens left of `num_patches` after dropping a `token_drop` fraction (rounded;
+  at least one)."""
+  return max(num_patches - round(num_patches * token_drop), 1)
+
+
+def keep_random_tokens(tokens, keep, rng):
+  """`[B, N, D] -> [B, keep, D]`: a uniformly random subset of `keep` tokens of each row, drawn
+  independently per row, in their original order."""
+  scores = jax.random.uniform(rng, tokens.shape[:2])
+  kept = jnp.sort(jnp.argsort(scores, axis=1)[:, :keep], axis=1)
+  return jnp.take_along_axis(tokens, kept[..., None], axis=1)
+
+
 class ViT(nn.Module):
   """Vision transformer returning all tokens, [CLS] first.
 
@@ -121,6 +136,9 @@ class ViT(nn.Module):
       0 at the scale of the patch embeddings).
     stem: "patch" (one patch_size x patch_size convolution, `patch_embed`) or "conv" (ConvStem,
       `stem`: patch_size must be a power of 2).
+    token_drop: fraction of patch tokens dropped at random from each image in train mode, after
+      the position embeddings (FLIP, Li et al. 2023: the encoder runs on the rest, so a step
+      costs about that fraction less); none at eval.
   """
   image_size: int
   patch_size: int
@@ -135,6 +153,7 @@ class ViT(nn.Module):
   gelu: str = "exact"
   posemb: str = "learn"
   stem: str = "patch"
+  token_drop: float = 0.0
 
   @classmethod
   def from_config(cls, image_config, dtype=jnp.float32, remat=False):
@@ -143,7 +162,8 @@ class ViT(nn.Module):
                width=image_config.width, depth=image_config.depth, heads=image_config.heads,
                mlp_ratio=image_config.mlp_ratio, dropout=image_config.dropout, dtype=dtype,
                remat=remat, layer_norm_eps=image_config.layer_norm_eps,
-               gelu=image_config.gelu, posemb=image_config.posemb, stem=image_config.stem)
+               gelu=image_config.gelu, posemb=image_config.posemb, stem=image_config.stem,
+               token_drop=image_config.token_drop)
 
   @property
   def grid_size(self):
@@ -155,6 +175,10 @@ class ViT(nn.Module):
     """N, the number of patch tokens (the MVM mask length)."""
     return self.grid_size ** 2
 
+  def kept_patches(self, train):
+    """N', the patch tokens the encoder sees: N less `token_drop` of them in train mode."""
+    return kept_patches(self.num_patches, self.token_drop if train else 0.0)
+
   @nn.compact
   def __call__(self, images, mvm_mask=None, train=False):
     """Encodes images.
@@ -162,10 +186,11 @@ class ViT(nn.Module):
     Args:
       images: `[B, H, W, 3]` with H = W = image_size.
       mvm_mask: optional `[B, N]` bool, True = replace that patch by the mask token.
-      train: enables dropout (needs a "dropout" rng when dropout > 0).
+      train: enables dropout and token_drop (they need a "dropout" rng).
 
     Returns:
-      `[B, 1 + N, width]` tokens in `dtype`, [CLS] at index 0, after the final LayerNorm.
+      `[B, 1 + N', width]` tokens in `dtype`, [CLS] at index 0, after the final LayerNorm; N' =
+      `kept_patches(train)` (the kept patches in their original order).
     """
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
@@ -200,7 +225,11 @@ class ViT(nn.Module):
       pos = jnp.pad(posemb_sincos_2d(self.grid_size, self.width), ((0, 0), (1, 0), (0, 0)))
     else:
       raise ValueError(f"posemb must be one of {POSEMBS}, got {self.posemb!r}")
-    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(x.dtype))
+    x = x + pos.astype(x.dtype)
+    if self.kept_patches(train) < self.num_patches:
+      x = jnp.concatenate([x[:, :1], keep_random_tokens(
+          x[:, 1:], self.kept_patches(train), self.make_rng("dropout"))], axis=1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
 
     block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat else EncoderBlock
     for i in range(self.depth):
