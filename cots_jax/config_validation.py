@@ -110,7 +110,7 @@ def _validate_model(config):
   if image.stem == "conv" and image.init:
     _fail("model.image.stem", image.stem, "must be 'patch' with model.image.init: hub ViT "
           "checkpoints carry a patch embedding, not a conv stem")
-  if image.stem == "conv" and (image.patch_size < 2 or image.patch_size & (image.patch_size - 1)):
+  if image.stem == "conv" and not vit.fits_conv_stem(image.patch_size):
     _fail("model.image.patch_size", image.patch_size, "must be a power of 2 (>= 2) for "
           "model.image.stem='conv' (one stride-2 convolution per halving)")
   if not 0.0 <= image.token_drop < 1.0:

@@ -545,6 +545,7 @@ def np_conv3x3_stride2(x, kernel):
 
 
 def test_conv_stem_matches_a_numpy_reference_and_halves_per_layer():
+  assert [vit_lib.fits_conv_stem(p) for p in (1, 2, 6, 8, 16)] == [False, True, False, True, True]
   assert conv_stem_channels(8, 192) == [48, 96, 192]
   assert conv_stem_channels(16, 768) == [96, 192, 384, 768]
   with pytest.raises(ValueError, match="power of 2"):

@@ -18,13 +18,19 @@ POSEMBS = ("learn", "sincos2d")
 STEMS = ("patch", "conv")
 
 
+def fits_conv_stem(patch_size):
+  """Whether the conv stem can make patches of this size: a power of 2, at least 2 (one
+  stride-2 layer per halving)."""
+  return patch_size >= 2 and patch_size & (patch_size - 1) == 0
+
+
 def conv_stem_channels(patch_size, width):
   """Output channels of the conv stem's 3 x 3 stride-2 layers: log2(patch_size) of them, doubling
   up to `width` (patch 8, width 192: 48, 96, 192)."""
-  layers = patch_size.bit_length() - 1
-  if patch_size != 2 ** layers or layers == 0:
+  if not fits_conv_stem(patch_size):
     raise ValueError(f"the conv stem needs a patch_size that is a power of 2 (>= 2), "
                      f"got {patch_size}")
+  layers = patch_size.bit_length() - 1
   return [max(width // 2 ** (layers - 1 - i), 1) for i in range(layers)]
 
 
