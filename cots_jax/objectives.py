@@ -48,14 +48,14 @@ class Passes:
   model: Any
 
   @property
-  def dropout(self):
+  def stochastic(self):
     model = self.config.model
     return (model.image.dropout > 0 or model.text.dropout > 0 or model.image.token_drop > 0
             or (model.use_wst and model.wst_dropout > 0))
 
   def apply(self, params, method, *args, rng=None):
     """`method` of the model with `params`."""
-    if self.dropout and rng is not None:
+    if self.stochastic and rng is not None:
       return self.model.apply({"params": params}, *args, method=method, rngs={"dropout": rng},
                               train=True)
     return self.model.apply({"params": params}, *args, method=method)
