@@ -283,6 +283,11 @@ def base_config(size="tiny"):
   # all positives of it in the in-batch InfoNCE (loss.cookie_cm): K times the text supervision
   # per image forward. Only for the in-batch terms (no queue, MLM or text-text term).
   c.input.captions_per_image = 1
+  # Noise study (issue 24): the caption of this fraction of the training pairs is replaced by a
+  # caption of another image (drawn with `seed`, training split only; the replaced pairs are
+  # listed in WORKDIR/caption_noise.json and flagged in the batch as `caption_replaced`, from
+  # which the step logs how many of them AMF keeps). One caption per example only.
+  c.input.caption_noise = 0.0
   c.input.num_workers = 0  # grain worker processes; 0 = decode in the main process.
   # Decode every training image once, before training, and keep it in memory as uint8 downscaled
   # to the shorter side from which the crops are still only downscaled (1.63 x image_size at

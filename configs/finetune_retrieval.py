@@ -12,8 +12,8 @@ positive).
 or as RUN's momentum towers with --config.init_from_ema) come from RUN's latest checkpoint; the
 optimizer, queues, AMF statistics and step start fresh. The objective is ITC with queues in which
 every entry of the same image (`image_id`, in the batch and in the queue) is a positive
-(losses.itc_targets); KL alignment is off (`--config.loss.kl_align=0.1` turns it on) and so is
-MVLM (no VQ tokenizer is trained).
+(losses.itc_targets); KL alignment is off (`--config.loss.kl_align=0.1` turns it on) and so are
+MVLM (no VQ tokenizer is trained) and the AMF (method.md §1.3.4: pre-training only).
 """
 
 from configs import common
@@ -34,6 +34,7 @@ def get_config(arg=None):
   # Same-image pairs are positives, so in-batch keys join the negatives also at paper scale.
   config.queue.in_batch_negatives = True
   config.loss.update(itc=1.0, mlm=0.0, mvm=0.0, kl_align=0.0)
+  config.amf.enabled = False
   if arg.model == "base":
     config.total_steps, config.optim.warmup_steps = 10_000, 500
     config.optim.lr, config.optim.end_lr = 1e-5, 1e-7

@@ -146,8 +146,10 @@ def _cell(text):
 
 
 def _config_files():
+  """The config files of configs/ (modules with a `get_config`; not common.py or grids.py)."""
   names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                 if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+                 if f.endswith(".py") and f not in ("__init__.py", "common.py")
+                 and hasattr(importlib.import_module(f"configs.{f[:-3]}"), "get_config"))
   return [n for n in CONFIG_FILES if n in names] + [n for n in names if n not in CONFIG_FILES]
 
 

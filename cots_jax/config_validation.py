@@ -228,6 +228,13 @@ def _validate_input(config):
             "works with the in-batch terms only (loss.cookie_cm, cookie_vv) on images: set "
             f"{', '.join(f'loss.{name}' for name in readers) or 'the others'} to 0, amf.enabled "
             "and input.group_batches to False")
+  noise = config.input.caption_noise
+  if not 0 <= noise < 1:
+    _fail("input.caption_noise", noise, "must be in [0, 1) (the fraction of training pairs "
+          "whose caption is replaced)")
+  if noise > 0 and (config.input.captions_per_image > 1 or config.input.group_batches):
+    _fail("input.caption_noise", noise, "replaces the caption of single pairs: it needs "
+          "input.captions_per_image=1 and input.group_batches=False")
   for field in ("crop_scale", "view_crop_scale"):
     low, high = config.input[field]
     if not 0 < low <= high <= 1:

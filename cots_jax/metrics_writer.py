@@ -17,6 +17,7 @@ import math
 import time
 
 from etils import epath
+import numpy as np
 import tensorboardX
 
 from cots_jax import paths
@@ -90,3 +91,22 @@ def read_metrics(workdir):
   and tables)."""
   text = (epath.Path(workdir) / "metrics.jsonl").read_text()
   return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_series(workdir):
+  """WORKDIR/metrics.jsonl as {name: (steps int64 [n], values float64 [n])}, sorted by step.
+
+  A step logged twice (a resumed run) keeps the value of its LAST record (cots_jax/checkpoint.py);
+  names keep the order in which they first appear.
+  """
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} has logged no metrics")
+  by_name = {}
+  for record in read_metrics(workdir):
+    for name, value in record.items():
+      if name != "step":
+        by_name.setdefault(name, {})[int(record["step"])] = float(value)
+  return {name: (np.array(sorted(values), np.int64),
+                 np.array([values[step] for step in sorted(values)], np.float64))
+          for name, values in by_name.items()}

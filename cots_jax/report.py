@@ -51,27 +51,8 @@ FRAME_PX, GAP_PX, LABEL_PX, MIN_TILE_PX = 4, 6, 30, 96
 TRUE_COLOUR = (0, 170, 0)
 
 
-def read_metrics(workdir):
-  """WORKDIR/metrics.jsonl as {name: (steps int64 [n], values float64 [n])}, sorted by step.
-
-  A step logged twice (a resumed run) keeps the value of its LAST record (cots_jax/checkpoint.py);
-  names keep the order in which they first appear.
-  """
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: {workdir!r} has logged no metrics")
-  by_name = {}
-  for record in metrics_writer.read_metrics(workdir):
-    for name, value in record.items():
-      if name != "step":
-        by_name.setdefault(name, {})[int(record["step"])] = float(value)
-  return {name: (np.array(sorted(values), np.int64),
-                 np.array([values[step] for step in sorted(values)], np.float64))
-          for name, values in by_name.items()}
-
-
 def curve_panels(metrics):
-  """The curve panels that `metrics` (of read_metrics) can fill, and a note per absent one.
+  """The curve panels that `metrics` (of metrics_writer.read_series) can fill, and a note per absent one.
 
   Returns:
     ([(title, file name, [metric names])], [note str]): losses, temperature, AMF kept fraction,
@@ -231,7 +212,7 @@ def write_report(workdir, num_captions=6, encoder="online", step=None, seed=0):
   root = epath.Path(workdir)
   pictures = root / PICTURES_DIR
   pictures.mkdir(parents=True, exist_ok=True)
-  metrics = read_metrics(workdir)
+  metrics = metrics_writer.read_series(workdir)
   panels, notes = curve_panels(metrics)
   for title, file_name, names in panels:
     (pictures / file_name).write_bytes(plot_panel(metrics, title, names))

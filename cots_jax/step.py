@@ -100,6 +100,28 @@ def make_loss_fn(config, model):
   return loss_fn
 
 
+def amf_catch_metrics(pair_weights, replaced):
+  """How AMF treats the batch's injected pairs (input.caption_noise), summed in the step so the
+  trainer reads three scalars at `log_every` instead of per-pair weights.
+
+  Args:
+    pair_weights: [B] AMF weights in {0, 1}.
+    replaced: bool [B], the pairs whose caption is another image's.
+
+  Returns:
+    {"train/noisy_fraction": the batch's share of injected pairs, "train/amf_kept_noisy" /
+    "train/amf_kept_clean": the share of injected / clean pairs kept (weight > 0); 1 when the
+    batch holds none}.
+  """
+  noisy = replaced.astype(jnp.float32)
+  kept = (pair_weights > 0).astype(jnp.float32)
+  kept_share = lambda mask: jnp.where(  # noqa: E731
+      jnp.sum(mask) > 0, jnp.sum(kept * mask) / jnp.maximum(jnp.sum(mask), 1.0), 1.0)
+  return {"train/noisy_fraction": jnp.mean(noisy),
+          "train/amf_kept_noisy": kept_share(noisy),
+          "train/amf_kept_clean": kept_share(1.0 - noisy)}
+
+
 def make_update_fn(config, model, optimizer):
   """Returns `update(state, batch) -> (state, metrics)`, the whole COTS / COOKIE step (design §3).
 
@@ -145,6 +167,8 @@ def make_update_fn(config, model, optimizer):
     })
     if params_ema is not None:
       metrics["train/momentum"] = decay
+    if "caption_replaced" in batch:
+      metrics.update(amf_catch_metrics(aux["pair_w"], batch["caption_replaced"]))
     return new_state, metrics
 
   return update

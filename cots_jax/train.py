@@ -34,6 +34,10 @@ from cots_jax.evaluators import common as evaluators_common
 from cots_jax.metrics_writer import MetricWriter
 
 
+# The training pairs whose caption input.caption_noise replaced (pipeline.caption_noise_record).
+CAPTION_NOISE_FILE = "caption_noise.json"
+
+
 def saved_final_eval(workdir):
   """The final eval metrics a finished run wrote to WORKDIR/final_eval.json ({} if none)."""
   path = epath.Path(workdir) / "final_eval.json"
@@ -139,7 +143,13 @@ def _train_and_evaluate(config, workdir, preemption):
 
 def _training_stream(config, model, params, split, workdir):
   """This process's training iterator; the cached features of fully locked towers (computed
-  with `params` or read from their cache) go into its batches and into the eval split's."""
+  with `params` or read from their cache) go into its batches and into the eval split's. With
+  input.caption_noise the replaced pairs are listed in WORKDIR/caption_noise.json."""
+  if config.input.caption_noise > 0 and jax.process_index() == 0:
+    record = pipeline.caption_noise_record(config)
+    (epath.Path(workdir) / CAPTION_NOISE_FILE).write_text(json.dumps(
+        {"caption_noise": config.input.caption_noise, "seed": config.seed,
+         "replaced": record}, indent=1))
   tables = features.feature_tables(config, model, params, split, workdir)
   if tables is not None:
     split.attach_features(tables.eval)

@@ -123,7 +123,10 @@ def all_commands():
 
 
 def _module_source(module):
+  """The source that `python -m module` runs: the module's, or a package's __main__.py."""
   spec = importlib.util.find_spec(module)
+  if spec.submodule_search_locations is not None:
+    spec = importlib.util.find_spec(f"{module}.__main__") or spec
   with open(spec.origin, encoding="utf-8") as f:
     return f.read()
 
@@ -363,7 +366,8 @@ def test_docs_show_the_commands_of_every_entry():
                                                                   ("python3", "-m"))}
   for entry in ("cots_jax.main", "cots_jax.evaluate", "cots_jax.search", "cots_jax.report",
                 "cots_jax.benchmarks.train_step", "cots_jax.benchmarks.compile_tpu",
-                "cots_jax.benchmarks.checkpoint_save", "cots_jax.benchmarks.input_pipeline"):
+                "cots_jax.benchmarks.checkpoint_save", "cots_jax.benchmarks.input_pipeline",
+                "cots_jax.experiments"):
     assert entry in modules, entry
   assert any("launch/" in " ".join(c.argv) for c in all_commands())
 

@@ -8,6 +8,7 @@ import pytest
 from absl import flags
 
 from configs import common
+from cots_jax import config_validation
 from cots_jax.data import eval_split
 from cots_jax.data import masking
 from cots_jax.data import pipeline
@@ -348,3 +349,51 @@ def test_eval_views_of_the_whole_area_without_flip_are_the_images():
   for view, image in zip(split.view_batches(seed=0), split.image_batches(), strict=True):
     np.testing.assert_array_equal(view["image"], image["image"])
     np.testing.assert_array_equal(view["valid"], image["valid"])
+
+
+# ----------------------------------------------------------------------------- caption noise
+
+
+def test_caption_noise_pairs_replace_a_seeded_fraction_with_other_images_captions():
+  pairs = np.stack([np.repeat(np.arange(20), 5), np.tile(np.arange(5), 20)], axis=1)
+  source_pair = pipeline.caption_noise_pairs(pairs, 0.2, seed=3)
+  replaced = np.flatnonzero(source_pair != np.arange(100))
+  assert len(replaced) == 20
+  assert (pairs[source_pair[replaced], 0] != pairs[replaced, 0]).all()
+  np.testing.assert_array_equal(source_pair, pipeline.caption_noise_pairs(pairs, 0.2, seed=3))
+  assert not np.array_equal(source_pair, pipeline.caption_noise_pairs(pairs, 0.2, seed=4))
+  np.testing.assert_array_equal(pipeline.caption_noise_pairs(pairs, 0.0, 3), np.arange(100))
+  with pytest.raises(ValueError, match="counts its captions"):
+    pipeline.caption_noise_pairs(np.stack([np.arange(4), np.full(4, -1)], axis=1), 0.5, 0)
+
+
+def test_caption_noise_batches_carry_the_recorded_replacements(caption_ids):
+  """Every pair of an epoch is its image with its own caption, or, exactly for the pairs that
+  caption_noise_record lists (and the batch flags), with the recorded caption of another image."""
+  config = _config(caption_noise=0.25, prefetch=0)
+  record = {r["pair"]: r for r in pipeline.caption_noise_record(config)}
+  assert len(record) == round(0.25 * EXAMPLES)
+  tokenizer = tokenizer_lib.load_tokenizer()
+  seen_replaced = 0
+  for batch in _take(pipeline.make_train_iterator(config), EXAMPLES // BATCH):
+    for row, image in enumerate(batch["image_id"].tolist()):
+      ids = tuple(batch["text_ids"][row])
+      if batch["caption_replaced"][row]:
+        seen_replaced += 1
+        matches = [r for r in record.values() if r["image_index"] == image and tuple(
+            tokenizer_lib.tokenize(tokenizer, [r["caption"]], config.input.max_len)[0][0]) == ids]
+        assert matches and (image, ids) not in caption_ids
+      else:
+        assert (image, ids) in caption_ids
+  assert seen_replaced == len(record)
+  for r in record.values():
+    assert r["caption"] != r["original"] and r["caption_from_pair"] // 5 != r["image_index"]
+
+
+def test_caption_noise_is_refused_with_several_captions_per_image():
+  config = _config(caption_noise=0.2, captions_per_image=5)
+  config.loss.update(itc=0.0, kl_align=0.0, mlm=0.0, cookie_cm=1.0)
+  config.amf.enabled = False
+  with pytest.raises(ValueError, match=r"config.input.caption_noise=0.2 replaces the caption of "
+                                       r"single pairs"):
+    config_validation.validate(config)

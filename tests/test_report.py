@@ -33,23 +33,6 @@ def written(trained_run, tmp_path_factory):
   return workdir, path.read_text(), examples
 
 
-def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path):
-  records = [{"step": 3, "train/loss": 1.0, "train/temp": 0.07},
-             {"step": 6, "train/loss": 3.0},
-             {"step": 3, "train/loss": 10.0},  # the resumed run logs step 3 again
-             {"step": 6, "eval/retrieval/t2i_r1": 50.0}]  # same step, separate write
-  lines = [json.dumps(record) for record in records]
-  (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
-  metrics = report.read_metrics(tmp_path)
-  assert list(metrics) == ["train/loss", "train/temp", "eval/retrieval/t2i_r1"]
-  np.testing.assert_array_equal(metrics["train/loss"][0], [3, 6])
-  np.testing.assert_array_equal(metrics["train/loss"][1], [10.0, 3.0])
-  np.testing.assert_array_equal(metrics["train/temp"][1], [0.07])
-  np.testing.assert_array_equal(metrics["eval/retrieval/t2i_r1"][0], [6])
-  with pytest.raises(FileNotFoundError, match="has logged no metrics"):
-    report.read_metrics(tmp_path / "nowhere")
-
-
 def test_final_eval_takes_each_evaluators_last_eval():
   series = lambda steps, values: (np.array(steps), np.array(values, float))
   metrics = {"train/loss": series([6, 12], [2.0, 1.0]),

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -254,7 +255,8 @@ def test_amf_weights_drop_injected_mismatched_pairs_from_itc_kl_mlm_and_mvm(worl
   """The momentum towers are made to align every clean pair exactly (a solved text projection);
   then the captions of the two least alike images are swapped. With statistics starting from
   this batch, AMF drops exactly those two pairs, and each term of the step equals the numpy term
-  over the 6 kept pairs (the dropped ones stay in-batch negatives), not the one over all 8."""
+  over the 6 kept pairs (the dropped ones stay in-batch negatives), not the one over all 8; the
+  step's catch metrics count the pairs flagged `caption_replaced` that AMF kept."""
   momentum_params = ema_after_update(world.state)
   clean = world.forward(momentum_params, world.batch)
   state = with_momentum_text_proj(world.state,
@@ -276,9 +278,16 @@ def test_amf_weights_drop_injected_mismatched_pairs_from_itc_kl_mlm_and_mvm(worl
   margin = np.abs(scores - threshold).min()
   assert margin > 1e-3, (scores, threshold)
   state["amf"] = {"mu": np.float32(0.0), "var": np.float32(0.0), "count": np.int32(0)}
+  # As input.caption_noise flags them: the two swapped pairs and one clean pair that AMF keeps.
+  replaced = ~keep
+  replaced[np.flatnonzero(keep)[0]] = True
+  batch["caption_replaced"] = replaced
 
   new_state, metrics = world.run(state, batch)
   assert metrics["train/amf_kept"] == pytest.approx(keep.mean())
+  assert metrics["train/noisy_fraction"] == pytest.approx(3 / 8)
+  assert metrics["train/amf_kept_noisy"] == pytest.approx(1 / 3)
+  assert metrics["train/amf_kept_clean"] == pytest.approx(1.0)
   np.testing.assert_allclose(new_state["amf"]["mu"], scores.mean(), rtol=1e-5)
   np.testing.assert_allclose(new_state["amf"]["var"], scores.var(), rtol=1e-3)
   assert new_state["queue"]["valid"][QUEUE_PTR:].all()  # filtered pairs are still enqueued
@@ -426,3 +435,16 @@ def test_multi_positive_itc_counts_the_queued_caption_of_the_same_image_as_a_pos
   np.testing.assert_allclose(metrics["train/itc"], itc.mean(), **TOL)
   single = reference_terms(world, state, world.batch, config=config)["itc"]
   assert abs(metrics["train/itc"] - single) > 1e-3
+
+
+def test_amf_catch_metrics_match_numpy():
+  rng = np.random.default_rng(0)
+  weights = (rng.random(64) < 0.7).astype(np.float32)
+  replaced = rng.random(64) < 0.3
+  metrics = jax.device_get(step_lib.amf_catch_metrics(jnp.asarray(weights),
+                                                      jnp.asarray(replaced)))
+  assert metrics["train/noisy_fraction"] == pytest.approx(replaced.mean())
+  assert metrics["train/amf_kept_noisy"] == pytest.approx(weights[replaced].mean())
+  assert metrics["train/amf_kept_clean"] == pytest.approx(weights[~replaced].mean())
+  none = jax.device_get(step_lib.amf_catch_metrics(jnp.ones(4), jnp.zeros(4, bool)))
+  assert (none["train/noisy_fraction"], none["train/amf_kept_noisy"]) == (0.0, 1.0)

@@ -68,6 +68,51 @@ def pair_table(source):
   return np.stack([images, np.arange(len(images)) - first_pair_of_image], axis=1).astype(np.int32)
 
 
+def caption_noise_pairs(pairs, fraction, seed):
+  """int64 [P]: the pair whose caption each of the `pairs` (int [P, 2] of `pair_table`) reads.
+
+  A pair reads its own caption, except round(fraction * P) of them, drawn with `seed`, that read
+  the caption of a pair of another image, also drawn with `seed` (issue 24's noise study: the
+  mismatched pairs that AMF should catch). Needs caption indices (not -1) and two images or more.
+  """
+  size = len(pairs)
+  source_pair = np.arange(size, dtype=np.int64)
+  count = int(round(fraction * size))
+  if count == 0:
+    return source_pair
+  if (pairs[:, 1] < 0).any() or len(np.unique(pairs[:, 0])) < 2:
+    raise ValueError("input.caption_noise needs a source that counts its captions and holds two "
+                     "images or more")
+  rng = np.random.default_rng([seed, 0xC0FFEE])
+  replaced = rng.choice(size, count, replace=False)
+  donors = rng.integers(size, size=count)
+  same_image = pairs[donors, 0] == pairs[replaced, 0]
+  while same_image.any():  # Redraw the donors of the pair's own image (rare: 5 of 30,000).
+    donors[same_image] = rng.integers(size, size=int(same_image.sum()))
+    same_image = pairs[donors, 0] == pairs[replaced, 0]
+  source_pair[replaced] = donors
+  return source_pair
+
+
+def caption_noise_record(config):
+  """The training pairs whose caption `input.caption_noise` replaces, as JSON-ready dicts (pair
+  and image_index in the source's order, caption_from_pair, caption, original), in pair order;
+  [] without noise."""
+  if config.input.caption_noise <= 0:
+    return []
+  source = registry.make_source(config, "train")
+  pairs = pair_table(source)
+  source_pair = caption_noise_pairs(pairs, config.input.caption_noise, config.seed)
+  record = []
+  for pair in np.flatnonzero(source_pair != np.arange(len(pairs))):
+    (image, caption), (donor_image, donor_caption) = pairs[pair], pairs[source_pair[pair]]
+    record.append({"pair": int(pair), "image_index": int(image),
+                   "caption_from_pair": int(source_pair[pair]),
+                   "caption": source.captions(int(donor_image))[donor_caption],
+                   "original": source.captions(int(image))[caption]})
+  return record
+
+
 def _pick_caption(item, caption_index, rng):
   """Caption `caption_index` of a source item (-1: one drawn with `rng`); BadExampleError when
   the item has no captions or the caption is blank."""
@@ -115,6 +160,9 @@ class _MakePair:
   # did not decode) and [pairs, Dt]; the pair carries its row instead of needing the tower.
   image_features: np.ndarray | None = None
   text_features: np.ndarray | None = None
+  # input.caption_noise: int64 [pairs], the pair whose caption each pair reads
+  # (`caption_noise_pairs`); the pair then carries `caption_replaced`. None: no noise.
+  caption_source: np.ndarray | None = None
 
   def _visual(self, item, image_index, rng):
     """The pair's visual fields, and the decoded pixels (None without) for a second view."""
@@ -139,9 +187,13 @@ class _MakePair:
     return pair
 
   def __call__(self, example, rng):
-    image_index, caption_index = self.pairs[int(example)]
+    caption_pair = int(example if self.caption_source is None else self.caption_source[example])
+    image_index = int(self.pairs[int(example), 0])
+    caption_image, caption_index = self.pairs[caption_pair]
     try:
-      item = self.source[int(image_index)]
+      item = self.source[image_index]
+      if caption_image != image_index:  # input.caption_noise: another image's caption
+        item = dict(item, captions=self.source.captions(int(caption_image)))
       caption = _pick_caption(item, caption_index, rng)
       visual, pixels = self._visual(item, image_index, rng)
     except transforms.BadExampleError as error:
@@ -154,7 +206,9 @@ class _MakePair:
     pair = {**visual, "text_ids": ids[0], "text_mask": mask[0],
             "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
     if self.text_features is not None:
-      pair["text_features"] = self.text_features[int(example)]
+      pair["text_features"] = self.text_features[caption_pair]
+    if self.caption_source is not None:
+      pair["caption_replaced"] = np.bool_(caption_pair != int(example))
     return self._view(pair, item, pixels, rng)
 
 
@@ -306,7 +360,8 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   of cots_jax/features.py) adds each pair's rows as `image_features` (in place of `image`) and
   `text_features`. With input.captions_per_image = K > 1 an example is a training image with K
   of its captions (every image once an epoch): text_ids, text_mask [B, K, L], text_features
-  [B, K, Dt], no MLM fields.
+  [B, K, Dt], no MLM fields. With input.caption_noise > 0, also caption_replaced bool [B]: the
+  pair reads another image's caption (`caption_noise_pairs`).
   """
   batch_size = config.input.batch_size
   if not 0 <= process_index < process_count or batch_size % process_count:
@@ -335,7 +390,9 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
         first_pair_of_image=np.searchsorted(pairs[:, 0], np.arange(len(source))))
     num_examples = len(source)
   else:
-    make_pair, num_examples = _MakePair(**fields), len(pairs)
+    caption_source = (caption_noise_pairs(pairs, inp.caption_noise, config.seed)
+                      if inp.caption_noise > 0 else None)
+    make_pair, num_examples = _MakePair(**fields, caption_source=caption_source), len(pairs)
   if inp.group_batches:
     rows = grouped.grouped_rows(source, pairs, batch_size // process_count, config.seed,
                          process_index, process_count)
