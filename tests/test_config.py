@@ -150,14 +150,15 @@ def test_every_field_of_every_config_can_be_overridden_on_the_command_line(modul
 
 
 # What each shipped config's docstring says its objective is: loss weights > 0, AMF, whether a
-# momentum encoder is kept, locked towers (an independent table: a changed switch fails here).
+# momentum encoder is kept, locked towers, image token drop (an independent table: a changed
+# switch fails here).
 SHIPPED_OBJECTIVES = {
     ("pretrain", None): dict(terms={"itc", "mlm", "mvm", "kl_align"}, amf=True, momentum=True,
                              text_locked="none"),
     ("pretrain", "model=base"): dict(terms={"itc", "mlm", "mvm", "kl_align"}, amf=True,
                                      momentum=True, text_locked="none"),
     ("pretrain", "data=flickr8k"): dict(terms={"cookie_cm"}, amf=False, momentum=False,
-                                        text_locked="all"),
+                                        text_locked="all", token_drop=0.75),
     ("pretrain", "data=flickr8k,recipe=cots"): dict(terms={"itc", "mlm", "mvm", "kl_align"},
                                                     amf=True, momentum=True, text_locked="none"),
     ("finetune_retrieval", None): dict(terms={"itc"}, amf=False, momentum=True,
@@ -186,4 +187,5 @@ def test_every_shipped_config_has_the_objective_its_docstring_names(module, arg)
   assert config.amf.enabled == want["amf"]
   assert objectives.reads_momentum(config) == want["momentum"]
   assert config.model.text.locked == want["text_locked"]
+  assert config.model.image.token_drop == want.get("token_drop", 0.0)  # the preset's alone
   assert config.input.caption_noise == 0.0
