@@ -17,20 +17,17 @@ import re
 from absl import app
 from absl import flags
 from etils import epath
-import matplotlib
+from matplotlib import ticker
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
-matplotlib.use("Agg")  # No display: render PNGs only. Must precede the pyplot import.
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from PIL import ImageDraw  # noqa: E402
-
-from cots_jax import inference  # noqa: E402
-from cots_jax import logs  # noqa: E402
-from cots_jax import metrics_writer  # noqa: E402
-from cots_jax.data import eval_split  # noqa: E402
-from cots_jax.evaluators import retrieval  # noqa: E402
+from cots_jax import inference
+from cots_jax import logs
+from cots_jax import metrics_writer
+from cots_jax import plots
+from cots_jax.data import eval_split
+from cots_jax.evaluators import retrieval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of the run to report on.")
 _NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 6, "Eval captions shown with their top 5.")
@@ -84,7 +81,7 @@ def curve_panels(metrics):
 def plot_panel(metrics, title, names):
   """PNG bytes of one panel: each of `names` against its steps (markers for short series, so a
   single eval shows as a point)."""
-  figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+  figure, axes = plots.subplots(figsize=(6, 3.5), dpi=100)
   for name in names:
     steps, values = metrics[name]
     axes.plot(steps, values, marker="o" if steps.size < 30 else None, label=name)
@@ -97,10 +94,7 @@ def plot_panel(metrics, title, names):
   axes.grid(alpha=0.3)
   axes.legend(fontsize="small")
   figure.tight_layout()
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png")
-  plt.close(figure)
-  return buffer.getvalue()
+  return plots.figure_png(figure)
 
 
 def final_eval(metrics):

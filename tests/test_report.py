@@ -1,5 +1,6 @@
 """The run report (cots_jax/report.py): metrics reading, curve panels, retrieval examples, HTML."""
 
+import io
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cots_jax import plots
 from cots_jax import report
 from cots_jax.data import transforms
 from support import ABSL_INFO, run_module
@@ -180,3 +182,12 @@ def test_cli_writes_the_report(trained_run, tmp_path):
   assert "Restoring checkpoint from" in (workdir / "log.txt").read_text()
   assert sorted(p.name for p in (workdir / "report").glob("example_*.png")) == [
       "example_0.png", "example_1.png"]
+
+
+def test_figure_png_renders_the_figure_and_closes_it():
+  figure, axes = plots.subplots(figsize=(2, 1), dpi=50)
+  axes.plot([0, 1], [1, 0])
+  png = plots.figure_png(figure)
+  with Image.open(io.BytesIO(png)) as image:
+    assert (image.format, image.size) == ("PNG", (100, 50))
+  assert not plots.plt.fignum_exists(figure.number)

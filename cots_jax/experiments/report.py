@@ -5,19 +5,15 @@ results.png, and for AMF amf_catch.csv and amf_catch.png.
 
 import csv
 import dataclasses
-import io
 import os
 
-import matplotlib
+import ml_collections
+import numpy as np
 
-matplotlib.use("Agg")  # No display: render PNGs only. Must precede the pyplot import.
-from matplotlib import pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cots_jax import config_validation  # noqa: E402
-from cots_jax import metrics_writer  # noqa: E402
-from cots_jax.experiments import runner  # noqa: E402
+from cots_jax import config_validation
+from cots_jax import metrics_writer
+from cots_jax import plots
+from cots_jax.experiments import runner
 
 RESULTS_FILE = "results.md"
 RESULTS_PLOT = "results.png"
@@ -143,7 +139,7 @@ def plot_rsum(variants, results):
   if any(_retrieval(run, "rsum", "retrieval_momentum") is not None
          for runs in results.values() for run in runs):
     encoders.append(("momentum", "retrieval_momentum"))
-  figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(variants)), 4), dpi=100)
+  figure, axes = plots.subplots(figsize=(max(6, 1.2 * len(variants)), 4), dpi=100)
   width = 0.8 / len(encoders)
   positions = np.arange(len(variants))
   for index, (label, encoder) in enumerate(encoders):
@@ -163,13 +159,13 @@ def plot_rsum(variants, results):
   axes.grid(axis="y", alpha=0.3)
   axes.legend(fontsize="small")
   figure.tight_layout()
-  return _png(figure)
+  return plots.figure_png(figure)
 
 
 def plot_amf(variants, results):
   """PNG bytes: per logged step, the share of injected (solid) and clean (dashed) pairs that AMF
   kept, mean over seeds, for each variant whose runs filter with AMF."""
-  figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+  figure, axes = plots.subplots(figsize=(7, 4), dpi=100)
   plotted = False
   for index, variant in enumerate(variants):
     series = [run.amf for run in results[variant] if run.amf_enabled and run.amf is not None]
@@ -192,15 +188,7 @@ def plot_amf(variants, results):
     axes.text(0.5, 0.5, "AMF is off in every finished run", ha="center",
               transform=axes.transAxes)
   figure.tight_layout()
-  return _png(figure)
-
-
-def _png(figure):
-  """The figure as PNG bytes (closed after)."""
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png")
-  plt.close(figure)
-  return buffer.getvalue()
+  return plots.figure_png(figure)
 
 
 def load_results(workdir, held):
