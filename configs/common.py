@@ -101,6 +101,9 @@ def model_config(size="tiny"):
   # Fraction of patch tokens dropped at random from each training image (FLIP, Li et al. 2023):
   # the encoder runs on the rest, so a step costs about that fraction less; eval sees them all.
   m.image.token_drop = 0.0
+  # The last this many steps run without token drop (FLIP's unmasked tuning): the ViT ends on
+  # whole images, as evals show them. Each costs about 1 / (1 - token_drop) of a masked step.
+  m.image.unmasked_tuning_steps = 0
   # A local ViT checkpoint (cots_jax/pretrained.py): a Hugging Face ViTModel directory, a timm
   # ViT .safetensors, or a big_vision / AugReg .npz; its sizes replace the ones above (the image
   # size stays, position embeddings are interpolated to it) and its weights the tower's.

@@ -118,6 +118,12 @@ def _validate_model(config):
   if image.token_drop > 0 and config.loss.mvm > 0:
     _fail("model.image.token_drop", image.token_drop, "must be 0 with loss.mvm > 0: MVM "
           "predicts the masked patches from the tokens of every patch")
+  if not 0 <= image.unmasked_tuning_steps < config.total_steps:
+    _fail("model.image.unmasked_tuning_steps", image.unmasked_tuning_steps,
+          f"must lie in [0, config.total_steps={config.total_steps})")
+  if image.unmasked_tuning_steps and not image.token_drop:
+    _fail("model.image.unmasked_tuning_steps", image.unmasked_tuning_steps,
+          "needs config.model.image.token_drop > 0: without token drop every step is unmasked")
   for tower in ("image", "text"):
     group = config.model[tower]
     if group.width % group.heads:

@@ -8,6 +8,8 @@ enqueue the momentum keys. Its metrics stay on the device until the trainer read
 `log_every` steps.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,6 +22,7 @@ from cots_jax import objectives
 from cots_jax import queue as queue_lib
 from cots_jax import sharding
 from cots_jax import state as state_lib
+from cots_jax.models import cots as cots_model
 
 # The step's keys, split from its own key in this order.
 STEP_RNGS = ("clean", "mlm", "mvm", "intra")
@@ -178,3 +181,23 @@ def jit_update(built):
   """`make_update_fn` of a `state.Built`, jitted with the state donated and its shardings kept."""
   return jax.jit(make_update_fn(built.config, built.model, built.optimizer), donate_argnums=0,
                  out_shardings=(built.shardings, sharding.replicated(built.mesh)))
+
+
+def update_phases(built):
+  """The run's jitted updates as `[(first step, update)]` in step order: `jit_update(built)`
+  from step 1 and, with model.image.unmasked_tuning_steps = n > 0, from step total_steps - n + 1
+  the update of the same model without token drop (FLIP's unmasked tuning)."""
+  config = built.config
+  phases = [(1, jit_update(built))]
+  tail = config.model.image.unmasked_tuning_steps
+  if tail:
+    unmasked = config.copy_and_resolve_references()
+    unmasked.model.image.token_drop = 0.0
+    phases.append((config.total_steps - tail + 1, jit_update(dataclasses.replace(
+        built, config=unmasked, model=cots_model.CotsModel.from_config(unmasked)))))
+  return phases
+
+
+def update_of_step(phases, step):
+  """The update of `phases` (from `update_phases`) that runs step `step` (counted from 1)."""
+  return [update for first, update in phases if first <= step][-1]

@@ -108,8 +108,11 @@ def _train_and_evaluate(config, workdir, preemption):
     logging.info("%s already holds the final step %d; nothing to train", workdir, start_step)
     return saved_final_eval(workdir)
 
-  # --- update step
-  update = step_lib.jit_update(built)
+  # --- update step (and the unmasked tail's, when configured)
+  phases = step_lib.update_phases(built)
+  if len(phases) > 1:
+    logging.info("steps %d-%d run without token drop (model.image.unmasked_tuning_steps)",
+                 phases[1][0], config.total_steps)
 
   # --- evals
   evaluators = evaluators_common.from_config(config, split)
@@ -122,7 +125,7 @@ def _train_and_evaluate(config, workdir, preemption):
   # give up when the processes reach the first one more than 30 s apart.
   first_batch = sharding.global_batch(next(train_iter), mesh)
   compile_start = time.perf_counter()
-  update = update.lower(state, first_batch).compile()
+  phases = [(first, update.lower(state, first_batch).compile()) for first, update in phases]
   logging.info("update step compiled in %.1f s", time.perf_counter() - compile_start)
   ocp_multihost.sync_global_processes("cots_update_step_compiled")
 
@@ -131,7 +134,7 @@ def _train_and_evaluate(config, workdir, preemption):
   batches = itertools.chain(
       [first_batch], (sharding.global_batch(next(train_iter), mesh) for _ in itertools.count()))
   results, preempted = _loop(
-      config, state, update, batches, start_step, manager, train_iter, writer, preemption,
+      config, state, phases, batches, start_step, manager, train_iter, writer, preemption,
       evaluate=lambda state: evaluators_common.run_evals(evaluators, embed_fns, state))
   writer.close()
   if preempted:
@@ -158,10 +161,11 @@ def _training_stream(config, model, params, split, workdir):
       features=tables.train if tables else None)
 
 
-def _loop(config, state, update, batches, start_step, manager, train_iter, writer, preemption,
+def _loop(config, state, phases, batches, start_step, manager, train_iter, writer, preemption,
           evaluate):
-  """Steps from `start_step` + 1 to `config.total_steps`: update, log every `log_every`, eval,
-  checkpoint; stops early, after saving, when `preemption` asks.
+  """Steps from `start_step` + 1 to `config.total_steps`: update (the compiled update of the
+  step's phase, `step.update_phases`), log every `log_every`, eval, checkpoint; stops early,
+  after saving, when `preemption` asks.
 
   Returns:
     (the metrics of the last eval, whether the run was preempted).
@@ -175,7 +179,7 @@ def _loop(config, state, update, batches, start_step, manager, train_iter, write
   results, preempted = {}, False
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      state, metrics = update(state, next(batches))
+      state, metrics = step_lib.update_of_step(phases, step)(state, next(batches))
       progress.update(1)
       if step % config.log_every == 0 or step == config.total_steps:
         host_metrics = jax.device_get(metrics)

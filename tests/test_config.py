@@ -77,6 +77,10 @@ def test_base_model_has_vit_b16_and_bert_base_sizes():
     ("model.image.stem", "resnet", r"config.model.image.stem='resnet' must be one of"),
     ("model.image.token_drop", 1.0, r"config.model.image.token_drop=1.0 must lie in \[0, 1\)"),
     ("model.image.token_drop", 0.5, r"token_drop=0.5 must be 0 with loss.mvm > 0: MVM predicts"),
+    ("model.image.unmasked_tuning_steps", 350,
+     r"config.model.image.unmasked_tuning_steps=350 must lie in \[0, config.total_steps=350\)"),
+    ("model.image.unmasked_tuning_steps", 10, r"unmasked_tuning_steps=10 needs "
+                                              r"config.model.image.token_drop > 0"),
     ("input.crop_scale", (0.0, 1.0), r"config.input.crop_scale=\(0.0, 1.0\) must be"),
     ("input.caption_noise", 1.0, r"config.input.caption_noise=1.0 must be in \[0, 1\)"),
     ("input.data.name", "captions_json",
@@ -150,15 +154,16 @@ def test_every_field_of_every_config_can_be_overridden_on_the_command_line(modul
 
 
 # What each shipped config's docstring says its objective is: loss weights > 0, AMF, whether a
-# momentum encoder is kept, locked towers, image token drop (an independent table: a changed
-# switch fails here).
+# momentum encoder is kept, locked towers, image token drop and its unmasked tail (an independent
+# table: a changed switch fails here).
 SHIPPED_OBJECTIVES = {
     ("pretrain", None): dict(terms={"itc", "mlm", "mvm", "kl_align"}, amf=True, momentum=True,
                              text_locked="none"),
     ("pretrain", "model=base"): dict(terms={"itc", "mlm", "mvm", "kl_align"}, amf=True,
                                      momentum=True, text_locked="none"),
     ("pretrain", "data=flickr8k"): dict(terms={"cookie_cm"}, amf=False, momentum=False,
-                                        text_locked="all", token_drop=0.75),
+                                        text_locked="all", token_drop=0.75,
+                                        unmasked_tuning_steps=150),
     ("pretrain", "data=flickr8k,recipe=cots"): dict(terms={"itc", "mlm", "mvm", "kl_align"},
                                                     amf=True, momentum=True, text_locked="none"),
     ("finetune_retrieval", None): dict(terms={"itc"}, amf=False, momentum=True,
@@ -188,4 +193,5 @@ def test_every_shipped_config_has_the_objective_its_docstring_names(module, arg)
   assert objectives.reads_momentum(config) == want["momentum"]
   assert config.model.text.locked == want["text_locked"]
   assert config.model.image.token_drop == want.get("token_drop", 0.0)  # the preset's alone
+  assert config.model.image.unmasked_tuning_steps == want.get("unmasked_tuning_steps", 0)
   assert config.input.caption_noise == 0.0
