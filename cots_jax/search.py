@@ -1,25 +1,30 @@
-"""Cross-modal search with a trained run: index images or captions once, then query the index.
+"""Cross-modal search with a trained run or its export: index images or captions once, then
+query the index.
 
   python -m cots_jax.search index --workdir=DIR --images=FOLDER --out=INDEX.safetensors
   python -m cots_jax.search query --index=INDEX.safetensors --text="a dog runs in the snow" -k 5
-  python -m cots_jax.search index --workdir=DIR --captions=CAPTIONS.txt --out=INDEX.npz
+  python -m cots_jax.search index --export=EXPORT --captions=CAPTIONS.txt --out=INDEX.npz
   python -m cots_jax.search query --index=INDEX.npz --image=photo.jpg --json
 
+The model is one encoder of a run's checkpoint (--workdir, --step, --encoder) or an export of one
+(--export, `python -m cots_jax.export`: no model code or Orbax needed), behind one `Embedder`.
 An index file holds the unit embeddings float32 [n, E] of n items (absolute image paths, or
-captions: one per non-blank line of a text file) and its meta (kind "image" | "text", workdir,
-step, encoder, embed_dim). `.safetensors` keeps the items and meta as JSON strings in the header
-metadata (which safetensors caps at 100 MB: use `.npz` for millions of long paths); `.npz` keeps
-them as a unicode array and a JSON string, read back without pickle. A query is embedded with the
-index's run, checkpoint step and encoder and ranked by dot product: exact top-k over numpy chunks
-by default, or FAISS (`faiss.IndexFlatIP`, also exact) with --backend=faiss. Index, caption
-and query image files may be gs:// URLs (etils.epath, like the workdir); --images is a local
-folder.
+captions: one per non-blank line of a text file) and its meta (kind "image" | "text", embed_dim,
+and the model: workdir, step and encoder, or export). `.safetensors` keeps the items and meta as
+JSON strings in the header metadata (which safetensors caps at 100 MB: use `.npz` for millions of
+long paths); `.npz` keeps them as a unicode array and a JSON string, read back without pickle. A
+query is embedded with the index's model (or --workdir / --export) and ranked by dot product:
+exact top-k over numpy chunks by default, or FAISS (`faiss.IndexFlatIP`, also exact) with
+--backend=faiss. Index, caption and query image files may be gs:// URLs (etils.epath, like the
+workdir); --images is a local folder.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
 import sys
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -27,6 +32,7 @@ from etils import epath
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
+from cots_jax import export
 from cots_jax import inference
 from cots_jax import logs
 from cots_jax import paths
@@ -38,7 +44,10 @@ from cots_jax.evaluators import retrieval
 FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "index: workdir of a finished run; query: run to embed the query with "
-    "(default: the index's)", flag_values=FLAGS)
+    "(default: the index's model)", flag_values=FLAGS)
+_EXPORT = flags.DEFINE_string(
+    "export", None, "index: folder of an export (cots_jax.export) to embed with instead of a "
+    "run; query: export to embed the query with (default: the index's model)", flag_values=FLAGS)
 _STEP = flags.DEFINE_integer("step", None, "index: checkpoint step (default: the latest)",
                              flag_values=FLAGS)
 _ENCODER = flags.DEFINE_enum("encoder", "online", sorted(inference.ENCODERS), "index: encoder",
@@ -60,16 +69,65 @@ _JSON = flags.DEFINE_bool("json", False, "query: print a JSON list of hits", fla
 _BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "faiss"], "query: top-k backend",
                              flag_values=FLAGS)
 
-# Each command's flags, and the groups of them of which it needs exactly one (query's --text /
-# --image are checked against the index's kind by `check_query_kind`).
+# Each command's flags, the groups of them of which it needs exactly one, and those of which it
+# takes at most one (query's --text / --image are checked against the index's kind by
+# `check_query_kind`).
 COMMANDS = {
-    "index": (("workdir", "step", "encoder", "images", "captions", "out"),
-              (("workdir",), ("out",), ("images", "captions"))),
-    "query": (("index", "text", "image", "k", "json", "backend", "workdir"), (("index",),)),
+    "index": (("workdir", "export", "step", "encoder", "images", "captions", "out"),
+              (("workdir", "export"), ("out",), ("images", "captions")), ()),
+    "query": (("index", "text", "image", "k", "json", "backend", "workdir", "export"),
+              (("index",),), (("workdir", "export"),)),
 }
 FORMATS = (".safetensors", ".npz")
 # The JSON key of an item in query results, per index kind.
 ITEM_KEYS = {"image": "path", "text": "caption"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+  """The model that indexes and queries: one encoder of a trained run, or an export.
+
+  Attributes:
+    pixels: (encoded image bytes, name) -> uint8 [S, S, 3], the eval resize and centre crop;
+      raises transforms.BadExampleError.
+    images: uint8 [b, S, S, 3] -> unit embeddings float32 [b, E].
+    texts: list of b str -> unit embeddings float32 [b, E].
+    batch_size: images decoded and embedded at a time.
+    embed_dim: E.
+    source: what an index's meta records of the model: {"workdir", "step", "encoder"} of a run,
+      {"export"} of an export.
+  """
+  pixels: Callable
+  images: Callable
+  texts: Callable
+  batch_size: int
+  embed_dim: int
+  source: dict
+
+
+def run_embedder(run, workdir, encoder="online"):
+  """The `Embedder` of `encoder` ("online" or "momentum") of `run`, the inference.TrainedRun of
+  WORKDIR (images and captions in batches of its config.eval.batch_size).
+
+  Raises:
+    ValueError when the run has no such encoder.
+  """
+  run.encoder_params(encoder)  # an encoder the run lacks fails here, before any embedding
+  return Embedder(
+      pixels=run.image_transform().pixels,
+      images=lambda pixels: run.embed_images(transforms.to_unit_range(pixels), encoder),
+      texts=lambda captions: run.embed_texts(captions, encoder),
+      batch_size=run.config.eval.batch_size, embed_dim=run.config.model.embed_dim,
+      source={"workdir": os.fspath(paths.absolute(workdir)), "step": int(run.step),
+              "encoder": encoder})
+
+
+def export_embedder(exported, directory):
+  """The `Embedder` of `exported`, the export.ExportedModel of the folder DIRECTORY."""
+  return Embedder(pixels=exported.image_transform, images=exported.embed_images,
+                  texts=exported.embed_texts, batch_size=exported.batch_size,
+                  embed_dim=exported.embed_dim,
+                  source={"export": os.fspath(paths.absolute(directory))})
 
 
 def image_files(folder):
@@ -87,9 +145,9 @@ def image_files(folder):
 
 
 def _decoded_batches(files, transform, batch_size, skipped):
-  """Yields (float32 [b, S, S, 3], b paths) of the files that decode, b = batch_size except in
-  the last batch (one compiled shape for all others); each file that does not decode is
-  appended to `skipped` as (path, reason) and reported on stderr."""
+  """Yields (uint8 [b, S, S, 3] of transform(bytes, path), b paths) of the files that decode,
+  b = batch_size except in the last batch (one compiled shape for all others); each file that
+  does not decode is appended to `skipped` as (path, reason) and reported on stderr."""
   pixels, names = [], []
   for path in files:
     try:
@@ -112,14 +170,13 @@ def _report_skip(skipped, path, reason):
   print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
-def build_image_index(run, folder, encoder="online", batch_size=None):
+def build_image_index(embedder, folder, batch_size=None):
   """Embeds every readable image under FOLDER (recursive, sorted paths), batch by batch.
 
   Args:
-    run: an inference.TrainedRun.
+    embedder: an `Embedder`.
     folder: the image folder; files of any size and PIL mode, other files are skipped.
-    encoder: "online" or "momentum".
-    batch_size: images decoded and embedded at a time (None: the run's config.eval.batch_size).
+    batch_size: images decoded and embedded at a time (None: the embedder's).
 
   Returns:
     (embeddings float32 [n, E] unit rows, the n absolute image paths, skipped [(path, reason)]).
@@ -128,10 +185,10 @@ def build_image_index(run, folder, encoder="online", batch_size=None):
     NotADirectoryError when FOLDER is not a folder; ValueError when no file in it is an image.
   """
   skipped, embeddings, items = [], [], []
-  batches = _decoded_batches(image_files(folder), run.image_transform(),
-                             batch_size or run.config.eval.batch_size, skipped)
+  batches = _decoded_batches(image_files(folder), embedder.pixels,
+                             batch_size or embedder.batch_size, skipped)
   for pixels, names in batches:
-    embeddings.append(run.embed_images(pixels, encoder))
+    embeddings.append(embedder.images(pixels))
     items.extend(names)
   if not items:
     raise ValueError(f"no readable image under {folder!r} ({len(skipped)} files skipped)")
@@ -144,8 +201,8 @@ def read_captions(path):
   return [line.strip() for line in lines if line.strip()]
 
 
-def build_text_index(run, captions_file, encoder="online"):
-  """Embeds the captions of CAPTIONS_FILE (one per non-blank line).
+def build_text_index(embedder, captions_file):
+  """Embeds the captions of CAPTIONS_FILE (one per non-blank line) with an `Embedder`.
 
   Returns:
     (embeddings float32 [n, E] unit rows, the n captions in file order).
@@ -156,7 +213,7 @@ def build_text_index(run, captions_file, encoder="online"):
   captions = read_captions(captions_file)
   if not captions:
     raise ValueError(f"--captions {captions_file!r} holds no caption (only blank lines)")
-  return run.embed_texts(captions, encoder).astype(np.float32), captions
+  return embedder.texts(captions).astype(np.float32), captions
 
 
 def index_format(path):
@@ -174,7 +231,7 @@ def save_index(path, embeddings, items, meta):
     path: the file to write.
     embeddings: [n, E], stored as float32.
     items: n str, the image paths or captions.
-    meta: JSON-serialisable dict (kind, workdir, step, encoder, embed_dim).
+    meta: JSON-serialisable dict (kind, embed_dim, `Embedder.source`).
 
   Raises:
     ValueError on an unknown suffix or when embeddings are not [len(items), E].
@@ -226,16 +283,25 @@ def check_query_kind(meta, text=None, image=None):
                      f"{meta['kind']!r} (query it with {other})")
 
 
-def embed_query(run, encoder, text=None, image=None):
-  """The unit embedding [E] of one caption or of one image file (exactly one of the two).
+def check_embed_dim(meta, embedder):
+  """ValueError unless the index of `meta` and the `Embedder` have embeddings of one width."""
+  if meta.get("embed_dim", embedder.embed_dim) != embedder.embed_dim:
+    raise ValueError(f"the index holds {meta['embed_dim']}-dim embeddings, the model "
+                     f"{embedder.source} embeds in {embedder.embed_dim} dims: query it with the "
+                     "index's own model")
+
+
+def embed_query(embedder, text=None, image=None):
+  """The unit embedding [E] of one caption or of one image file (exactly one of the two), by
+  an `Embedder`.
 
   Raises:
     BadExampleError when the image does not decode; OSError when it cannot be read.
   """
   if image is not None:
-    pixels = run.image_transform()(epath.Path(image).read_bytes(), str(image))
-    return run.embed_images(pixels[None], encoder)[0]
-  return run.embed_texts([text], encoder)[0]
+    pixels = embedder.pixels(epath.Path(image).read_bytes(), str(image))
+    return embedder.images(pixels[None])[0]
+  return embedder.texts([text])[0]
 
 
 def search(embeddings, items, query, k=5, backend="exact"):
@@ -258,7 +324,7 @@ def search(embeddings, items, query, k=5, backend="exact"):
   query = np.asarray(query, np.float32).reshape(1, -1)
   if query.shape[1] != embeddings.shape[1]:
     raise ValueError(f"the query embedding has {query.shape[1]} dims, the index "
-                     f"{embeddings.shape[1]}: embed it with the index's run")
+                     f"{embeddings.shape[1]}: embed it with the index's model")
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"k must be a positive int, got {k!r}")
   if backend == "exact":
@@ -289,37 +355,58 @@ def format_hits(hits, kind, as_json=False):
   return "\n".join(f"{score:.4f}\t{item}" for item, score in hits)
 
 
+def _load_embedder(export_dir=None, workdir=None, step=None, encoder="online"):
+  """The `Embedder` of the export EXPORT_DIR, else of checkpoint `step` (None = the latest) of
+  the run in WORKDIR.
+
+  Raises:
+    ValueError when neither is given (an index whose meta names no model).
+  """
+  if export_dir is None and workdir is None:
+    raise ValueError("the index names no model: give --workdir or --export")
+  if export_dir is not None:
+    return export_embedder(export.load(os.path.expanduser(export_dir)), export_dir)
+  workdir = os.path.expanduser(workdir)
+  return run_embedder(inference.TrainedRun.load(workdir, step=step), workdir, encoder)
+
+
 def _index():
-  """The `index` command: embeds --images or --captions with the run and writes --out."""
-  index_format(_OUT.value)  # a bad suffix fails before the run loads
-  workdir = os.path.expanduser(_WORKDIR.value)
-  run = inference.TrainedRun.load(workdir, step=_STEP.value)
+  """The `index` command: embeds --images or --captions with the model and writes --out."""
+  index_format(_OUT.value)  # a bad suffix fails before the model loads
+  if _EXPORT.value is not None and (FLAGS["step"].present or FLAGS["encoder"].present):
+    raise ValueError("--step and --encoder pick a run's checkpoint and encoder; an export holds "
+                     "one (pick them when exporting)")
+  embedder = _load_embedder(_EXPORT.value, _WORKDIR.value, _STEP.value, _ENCODER.value)
   if _IMAGES.value is not None:
-    embeddings, items, skipped = build_image_index(run, _IMAGES.value, _ENCODER.value)
+    embeddings, items, skipped = build_image_index(embedder, _IMAGES.value)
     kind, summary = "image", f"indexed {len(items)} images, skipped {len(skipped)}"
   else:
-    embeddings, items = build_text_index(run, _CAPTIONS.value, _ENCODER.value)
+    embeddings, items = build_text_index(embedder, _CAPTIONS.value)
     kind, summary = "text", f"indexed {len(items)} captions"
-  meta = {"kind": kind, "workdir": os.fspath(paths.absolute(workdir)), "step": int(run.step),
-          "encoder": _ENCODER.value, "embed_dim": int(embeddings.shape[1])}
+  meta = {"kind": kind, **embedder.source, "embed_dim": int(embeddings.shape[1])}
   save_index(_OUT.value, embeddings, items, meta)
   print(f"{summary}: {_OUT.value}")
 
 
 def _query():
-  """The `query` command: prints the top k of the index for --text or --image."""
+  """The `query` command: prints the top k of the index for --text or --image, embedded with
+  --workdir or --export, else with the index's own model (the step and encoder of its run)."""
   embeddings, items, meta = load_index(_INDEX.value)
   check_query_kind(meta, _TEXT.value, _IMAGE.value)
-  run = inference.TrainedRun.load(os.path.expanduser(_WORKDIR.value or meta["workdir"]),
-                                  step=meta["step"])
-  query = embed_query(run, meta["encoder"], text=_TEXT.value, image=_IMAGE.value)
+  given = _WORKDIR.value is not None or _EXPORT.value is not None
+  source = {"export": _EXPORT.value, "workdir": _WORKDIR.value} if given else meta
+  embedder = _load_embedder(source.get("export"), source.get("workdir"), meta.get("step"),
+                            meta.get("encoder", "online"))
+  check_embed_dim(meta, embedder)
+  query = embed_query(embedder, text=_TEXT.value, image=_IMAGE.value)
   hits = search(embeddings, items, query, _K.value, _BACKEND.value)
   print(format_hits(hits, meta["kind"], as_json=_JSON.value))
 
 
 def _check_flags(command):
-  """ValueError unless every flag given belongs to `command` and it has those it needs."""
-  names, exactly_one = COMMANDS[command]
+  """ValueError unless every flag given belongs to `command`, it has those it needs and no two
+  that exclude each other."""
+  names, exactly_one, at_most_one = COMMANDS[command]
   foreign = [f"--{name}" for name in FLAGS if FLAGS[name].present and name not in names]
   if foreign:
     raise ValueError(f"{command} takes no {', '.join(foreign)}")
@@ -328,6 +415,9 @@ def _check_flags(command):
       named = " and ".join(f"--{name}" for name in group)
       raise ValueError(f"{command} needs {named}" if len(group) == 1
                        else f"give exactly one of {named}")
+  for group in at_most_one:
+    if sum(FLAGS[name].value is not None for name in group) > 1:
+      raise ValueError(f"give at most one of {' and '.join(f'--{name}' for name in group)}")
 
 
 def _quiet_logs():

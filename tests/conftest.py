@@ -21,6 +21,8 @@ jax.config.update(
                    os.path.join(tempfile.gettempdir(), "cots_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+from cots_jax import export  # noqa: E402
+from cots_jax import inference  # noqa: E402
 from cots_jax import train  # noqa: E402
 from support import tiny_config  # noqa: E402
 
@@ -34,3 +36,12 @@ def trained_run(tmp_path_factory):
       tiny_config(**{"loss.mvm": 0.0, "loss.mlm": 0.0, "total_steps": 12, "checkpoint_every": 6,
                      "log_every": 3}), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory):
+  """The export (cots_jax.export) of the online encoder of `trained_run`'s last checkpoint: its
+  folder, shared by the export and search tests."""
+  out = tmp_path_factory.mktemp("exported_run")
+  export.export_run(inference.TrainedRun.load(trained_run), trained_run, out)
+  return out

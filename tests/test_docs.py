@@ -367,7 +367,8 @@ def test_docs_show_the_commands_of_every_entry():
   for entry in ("cots_jax.main", "cots_jax.evaluate", "cots_jax.search", "cots_jax.report",
                 "cots_jax.benchmarks.train_step", "cots_jax.benchmarks.compile_tpu",
                 "cots_jax.benchmarks.checkpoint_save", "cots_jax.benchmarks.input_pipeline",
-                "cots_jax.experiments"):
+                "cots_jax.experiments", "cots_jax.export",
+                "cots_jax.benchmarks.retrieval_cost"):
     assert entry in modules, entry
   assert any("launch/" in " ".join(c.argv) for c in all_commands())
 

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import pathlib
+import re
 import sys
 
 from absl import app
@@ -57,18 +58,23 @@ def run(trained_run):
 
 
 @pytest.fixture(scope="module")
+def embedder(run, trained_run):
+  return search.run_embedder(run, trained_run)
+
+
+@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
   folder = tmp_path_factory.mktemp("images")
   return (folder, *_write_images(folder))
 
 
 @pytest.fixture(scope="module")
-def image_index(run, image_folder):
+def image_index(embedder, image_folder):
   """build_image_index of the folder in batches of 3 (so batches straddle the skipped files):
   ((embeddings, items, skipped), what it wrote on stderr)."""
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr):
-    built = search.build_image_index(run, image_folder[0], batch_size=3)
+    built = search.build_image_index(embedder, image_folder[0], batch_size=3)
   return built, stderr.getvalue()
 
 
@@ -143,18 +149,18 @@ def test_image_index_embeddings_equal_the_runs(image_index, image_folder, run):
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
 
-def test_image_index_errors(run, tmp_path):
+def test_image_index_errors(embedder, tmp_path):
   with pytest.raises(NotADirectoryError, match="is not a folder"):
-    search.build_image_index(run, tmp_path / "missing")
+    search.build_image_index(embedder, tmp_path / "missing")
   (tmp_path / "notes.txt").write_text("no images here")
   with contextlib.redirect_stderr(io.StringIO()):
     with pytest.raises(ValueError, match=r"no readable image .* \(1 files skipped\)"):
-      search.build_image_index(run, tmp_path)
+      search.build_image_index(embedder, tmp_path)
 
 
-def test_text_query_ranks_by_dot_product(image_index, run):
+def test_text_query_ranks_by_dot_product(image_index, run, embedder):
   embeddings, items, _ = image_index[0]
-  query = search.embed_query(run, "online", text=QUERY)
+  query = search.embed_query(embedder, text=QUERY)
   np.testing.assert_allclose(query, run.embed_texts([QUERY])[0], atol=1e-6)
   expected = embeddings.astype(np.float64) @ query.astype(np.float64)
   hits = search.search(embeddings, items, query, k=5)
@@ -176,12 +182,12 @@ def test_search_errors(image_index):
     search.search(embeddings, items, embeddings[0], k=1, backend="annoy")
 
 
-def test_image_queries_a_caption_index(run, captions_file, image_folder):
-  embeddings, captions = search.build_text_index(run, captions_file)
+def test_image_queries_a_caption_index(run, embedder, captions_file, image_folder):
+  embeddings, captions = search.build_text_index(embedder, captions_file)
   assert captions == CAPTIONS
   np.testing.assert_allclose(embeddings, run.embed_texts(CAPTIONS), atol=1e-6)
   image = image_folder[1][0]
-  query = search.embed_query(run, "online", image=image)
+  query = search.embed_query(embedder, image=image)
   np.testing.assert_allclose(query, _reference_embeddings(run, [image])[0], atol=1e-5)
   expected = embeddings @ query
   hits = search.search(embeddings, captions, query, k=3)
@@ -189,10 +195,10 @@ def test_image_queries_a_caption_index(run, captions_file, image_folder):
   np.testing.assert_allclose([s for _, s in hits], np.sort(expected)[::-1][:3], atol=1e-5)
 
 
-def test_empty_caption_file_is_an_error(run, tmp_path):
+def test_empty_caption_file_is_an_error(embedder, tmp_path):
   (tmp_path / "blank.txt").write_text("\n  \n")
   with pytest.raises(ValueError, match="holds no caption"):
-    search.build_text_index(run, tmp_path / "blank.txt")
+    search.build_text_index(embedder, tmp_path / "blank.txt")
 
 
 def test_faiss_backend_equals_exact(image_index):
@@ -264,7 +270,8 @@ def test_main_queries_a_caption_index_with_an_image(run, trained_run, captions_f
   assert not np.allclose(embeddings, run.embed_texts(CAPTIONS), atol=1e-4)
   _command_line("query", f"--index={index}", f"--image={image_folder[1][0]}", "-k", "2")
   expected = search.search(embeddings, captions,
-                           search.embed_query(step6, "online", image=image_folder[1][0]), k=2)
+                           search.embed_query(search.run_embedder(step6, trained_run),
+                                              image=image_folder[1][0]), k=2)
   assert capsys.readouterr().out == search.format_hits(expected, "text") + "\n"
 
 
@@ -292,3 +299,67 @@ def test_command_line_indexes_a_folder_and_answers_json(run, trained_run, image_
   assert [hit["path"] for hit in hits] == [items[i] for i in np.argsort(-expected)[:3]]
   np.testing.assert_allclose([hit["score"] for hit in hits], np.sort(expected)[::-1][:3],
                              atol=1e-5)
+
+
+def test_an_export_indexes_and_answers_like_its_run(embedder, exported_run, image_folder,
+                                                   image_index, tmp_path, capsys):
+  """index and query through an export (no --workdir): the run's embeddings and ranking."""
+  folder, readable, bad = image_folder
+  index = tmp_path / "images.safetensors"
+  _command_line("index", f"--export={exported_run}", f"--images={folder}", f"--out={index}")
+  assert capsys.readouterr().out == (f"indexed {len(readable)} images, skipped {len(bad)}: "
+                                     f"{index}\n")
+  embeddings, items, meta = search.load_index(index)
+  assert meta == {"kind": "image", "export": str(exported_run), "embed_dim": 16}
+  assert items == readable
+  np.testing.assert_allclose(embeddings, image_index[0][0], atol=1e-5)
+  _command_line("query", f"--index={index}", f"--text={QUERY}", "-k", "4", "--json")
+  hits = json.loads(capsys.readouterr().out)
+  expected = search.search(image_index[0][0], readable, search.embed_query(embedder, text=QUERY),
+                           k=4)
+  assert [hit["path"] for hit in hits] == [item for item, _ in expected]
+  np.testing.assert_allclose([hit["score"] for hit in hits], [s for _, s in expected], atol=1e-5)
+
+
+def test_an_export_queries_a_runs_caption_index(trained_run, embedder, exported_run,
+                                                captions_file, image_folder, tmp_path, capsys):
+  index = tmp_path / "captions.npz"
+  _command_line("index", f"--workdir={trained_run}", f"--captions={captions_file}",
+                f"--out={index}")
+  capsys.readouterr()
+  image = image_folder[1][2]
+  _command_line("query", f"--index={index}", f"--image={image}", f"--export={exported_run}")
+  embeddings, captions, _ = search.load_index(index)
+  expected = search.search(embeddings, captions, search.embed_query(embedder, image=image))
+  printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+  assert [caption for _, caption in printed] == [caption for caption, _ in expected]
+  np.testing.assert_allclose([float(s) for s, _ in printed], [s for _, s in expected], atol=1e-4)
+
+
+def test_export_flags_and_embedding_widths_are_checked(trained_run, exported_run, tmp_path):
+  export_flag, image = f"--export={exported_run}", "--image=a.png"
+  with pytest.raises(SystemExit, match="index: error: give exactly one of --workdir and --export"):
+    _command_line("index", f"--workdir={trained_run}", export_flag, "--captions=c.txt",
+                  "--out=x.npz")
+  with pytest.raises(SystemExit, match="index: error: --step and --encoder pick a run's "
+                                       "checkpoint and encoder; an export holds one"):
+    _command_line("index", export_flag, "--step=6", "--captions=c.txt", "--out=x.npz")
+  search.save_index(tmp_path / "wide.npz", np.eye(24)[:2], ["a", "b"],
+                    {"kind": "text", "export": str(exported_run), "embed_dim": 24})
+  wide = f"--index={tmp_path / 'wide.npz'}"
+  with pytest.raises(SystemExit, match="query: error: give at most one of --workdir and --export"):
+    _command_line("query", wide, image, f"--workdir={trained_run}", export_flag)
+  with pytest.raises(SystemExit, match=re.escape(
+      "query: error: the index holds 24-dim embeddings, the model {'export': "
+      f"'{exported_run}'}} embeds in 16 dims: query it with the index's own model")):
+    _command_line("query", wide, image)
+  search.save_index(tmp_path / "bare.npz", np.eye(2), ["a", "b"], {"kind": "text"})
+  with pytest.raises(SystemExit, match="query: error: the index names no model: give --workdir "
+                                       "or --export"):
+    _command_line("query", f"--index={tmp_path / 'bare.npz'}", image)
+  narrow = search.Embedder(pixels=None, images=None, texts=None, batch_size=1, embed_dim=16,
+                           source={"export": "e"})
+  with pytest.raises(ValueError, match="the index holds 24-dim"):
+    search.check_embed_dim({"embed_dim": 24}, narrow)
+  search.check_embed_dim({"embed_dim": 16}, narrow)
+  search.check_embed_dim({}, narrow)  # an index of the first format may lack embed_dim
