@@ -344,7 +344,9 @@ def base_config(size="tiny"):
   # ((name, {option: value}), ...) of cots_jax/evaluators/common.py's EVALUATORS, each run with the
   # online and the momentum encoder; options (ks, chunk) override the two fields above.
   # retrieval: image <-> text (video <-> text); image_instance / text_matching: COOKIE's unimodal
-  # tasks (method §2.1); direction: synthetic clips against their direction twins.
+  # tasks (method §2.1); direction: synthetic clips against their direction twins; zeroshot:
+  # synthetic single-object images classified by shape and by colour from text prompts (synthetic
+  # data only; its ks are the k of its top-k accuracies, default (1, 5)).
   c.eval.evaluators = (("retrieval", {}), ("image_instance", {}), ("text_matching", {}))
   return c
 

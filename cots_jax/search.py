@@ -1,10 +1,11 @@
 """Cross-modal search with a trained run or its export: index images or captions once, then
-query the index.
+query the index, on the command line or in the browser.
 
   python -m cots_jax.search index --workdir=DIR --images=FOLDER --out=INDEX.safetensors
   python -m cots_jax.search query --index=INDEX.safetensors --text="a dog runs in the snow" -k 5
   python -m cots_jax.search index --export=EXPORT --captions=CAPTIONS.txt --out=INDEX.npz
   python -m cots_jax.search query --index=INDEX.npz --image=photo.jpg --json
+  python -m cots_jax.search serve --index=INDEX.safetensors --export=EXPORT --port=8000
 
 The model is one encoder of a run's checkpoint (--workdir, --step, --encoder) or an export of one
 (--export, `python -m cots_jax.export`: no model code or Orbax needed), behind one `Embedder`.
@@ -16,7 +17,8 @@ long paths); `.npz` keeps them as a unicode array and a JSON string, read back w
 query is embedded with the index's model (or --workdir / --export) and ranked by dot product:
 exact top-k over numpy chunks by default, or FAISS (`faiss.IndexFlatIP`, also exact) with
 --backend=faiss. Index, caption and query image files may be gs:// URLs (etils.epath, like the
-workdir); --images is a local folder.
+workdir); --images is a local folder. `serve` answers text, image and "more like this" queries
+of the index from a local web page (cots_jax.serve).
 """
 
 import dataclasses
@@ -43,14 +45,16 @@ from cots_jax.evaluators import retrieval
 # beside cots_jax.report, which defines --workdir, --step and --encoder there too.
 FLAGS = flags.FlagValues()
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "index: workdir of a finished run; query: run to embed the query with "
-    "(default: the index's model)", flag_values=FLAGS)
+    "workdir", None, "index: workdir of a finished run; query, serve: run to embed the queries "
+    "with (default: the index's model)", flag_values=FLAGS)
 _EXPORT = flags.DEFINE_string(
     "export", None, "index: folder of an export (cots_jax.export) to embed with instead of a "
-    "run; query: export to embed the query with (default: the index's model)", flag_values=FLAGS)
-_STEP = flags.DEFINE_integer("step", None, "index: checkpoint step (default: the latest)",
-                             flag_values=FLAGS)
-_ENCODER = flags.DEFINE_enum("encoder", "online", sorted(inference.ENCODERS), "index: encoder",
+    "run; query, serve: export to embed the queries with (default: the index's model)",
+    flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "index: checkpoint step (default: the latest); "
+                             "serve: the run's step (default: the index's)", flag_values=FLAGS)
+_ENCODER = flags.DEFINE_enum("encoder", "online", sorted(inference.ENCODERS), "index: encoder; "
+                             "serve: the run's encoder (default: the index's)",
                              flag_values=FLAGS)
 _IMAGES = flags.DEFINE_string("images", None, "index: folder of images (recursive): an image "
                               "index", flag_values=FLAGS)
@@ -58,7 +62,7 @@ _CAPTIONS = flags.DEFINE_string("captions", None, "index: text file, one caption
                                 "text index", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "index: index file, .safetensors or .npz",
                            flag_values=FLAGS)
-_INDEX = flags.DEFINE_string("index", None, "query: index file written by `index`",
+_INDEX = flags.DEFINE_string("index", None, "query, serve: index file written by `index`",
                              flag_values=FLAGS)
 _TEXT = flags.DEFINE_string("text", None, "query: caption to search an image index with",
                             flag_values=FLAGS)
@@ -68,6 +72,10 @@ _K = flags.DEFINE_integer("k", 5, "query: number of hits", flag_values=FLAGS)
 _JSON = flags.DEFINE_bool("json", False, "query: print a JSON list of hits", flag_values=FLAGS)
 _BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "faiss"], "query: top-k backend",
                              flag_values=FLAGS)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on (the default "
+                            "answers this machine only)", flag_values=FLAGS)
+_PORT = flags.DEFINE_integer("port", 8000, "serve: TCP port", lower_bound=1, upper_bound=65535,
+                             flag_values=FLAGS)
 
 # Each command's flags, the groups of them of which it needs exactly one, and those of which it
 # takes at most one (query's --text / --image are checked against the index's kind by
@@ -76,6 +84,8 @@ COMMANDS = {
     "index": (("workdir", "export", "step", "encoder", "images", "captions", "out"),
               (("workdir", "export"), ("out",), ("images", "captions")), ()),
     "query": (("index", "text", "image", "k", "json", "backend", "workdir", "export"),
+              (("index",),), (("workdir", "export"),)),
+    "serve": (("index", "workdir", "export", "step", "encoder", "host", "port"),
               (("index",),), (("workdir", "export"),)),
 }
 FORMATS = (".safetensors", ".npz")
@@ -370,12 +380,17 @@ def _load_embedder(export_dir=None, workdir=None, step=None, encoder="online"):
   return run_embedder(inference.TrainedRun.load(workdir, step=step), workdir, encoder)
 
 
+def _check_no_step_with_export(export_dir):
+  """ValueError when --step or --encoder comes with an export, EXPORT_DIR (None: a run)."""
+  if export_dir is not None and (FLAGS["step"].present or FLAGS["encoder"].present):
+    raise ValueError("--step and --encoder pick a run's checkpoint and encoder; an export holds "
+                     "one (pick them when exporting)")
+
+
 def _index():
   """The `index` command: embeds --images or --captions with the model and writes --out."""
   index_format(_OUT.value)  # a bad suffix fails before the model loads
-  if _EXPORT.value is not None and (FLAGS["step"].present or FLAGS["encoder"].present):
-    raise ValueError("--step and --encoder pick a run's checkpoint and encoder; an export holds "
-                     "one (pick them when exporting)")
+  _check_no_step_with_export(_EXPORT.value)
   embedder = _load_embedder(_EXPORT.value, _WORKDIR.value, _STEP.value, _ENCODER.value)
   if _IMAGES.value is not None:
     embeddings, items, skipped = build_image_index(embedder, _IMAGES.value)
@@ -388,19 +403,44 @@ def _index():
   print(f"{summary}: {_OUT.value}")
 
 
+def _query_embedder(meta):
+  """The `Embedder` of the queries of the index of `meta`: --workdir or --export, else the
+  index's own model; a run's step and encoder are --step and --encoder (serve), else the
+  index's.
+
+  Raises:
+    ValueError when its embeddings are not as wide as the index's, or for --step or --encoder
+    with an export.
+  """
+  given = _WORKDIR.value is not None or _EXPORT.value is not None
+  source = {"export": _EXPORT.value, "workdir": _WORKDIR.value} if given else meta
+  _check_no_step_with_export(source.get("export"))
+  step = _STEP.value if FLAGS["step"].present else meta.get("step")
+  encoder = _ENCODER.value if FLAGS["encoder"].present else meta.get("encoder", "online")
+  embedder = _load_embedder(source.get("export"), source.get("workdir"), step, encoder)
+  check_embed_dim(meta, embedder)
+  return embedder
+
+
 def _query():
   """The `query` command: prints the top k of the index for --text or --image, embedded with
   --workdir or --export, else with the index's own model (the step and encoder of its run)."""
   embeddings, items, meta = load_index(_INDEX.value)
   check_query_kind(meta, _TEXT.value, _IMAGE.value)
-  given = _WORKDIR.value is not None or _EXPORT.value is not None
-  source = {"export": _EXPORT.value, "workdir": _WORKDIR.value} if given else meta
-  embedder = _load_embedder(source.get("export"), source.get("workdir"), meta.get("step"),
-                            meta.get("encoder", "online"))
-  check_embed_dim(meta, embedder)
+  embedder = _query_embedder(meta)
   query = embed_query(embedder, text=_TEXT.value, image=_IMAGE.value)
   hits = search(embeddings, items, query, _K.value, _BACKEND.value)
   print(format_hits(hits, meta["kind"], as_json=_JSON.value))
+
+
+def _serve():
+  """The `serve` command: the search page and JSON API of --index on --host:--port
+  (cots_jax.serve), its queries embedded as `_query_embedder` says."""
+  # Imported here: cots_jax.serve imports this module, and only serve needs the web server.
+  from cots_jax import serve
+  embeddings, items, meta = load_index(_INDEX.value)
+  searcher = serve.Searcher(embeddings, items, meta, _query_embedder(meta))
+  serve.serve(searcher, _HOST.value, _PORT.value)
 
 
 def _check_flags(command):
@@ -428,17 +468,14 @@ def _quiet_logs():
 
 
 def main(argv):
-  """Runs the command argv[1] (index or query) with the parsed FLAGS; exits with a one-line
-  error on a bad input."""
+  """Runs the command argv[1] (index, query or serve) with the parsed FLAGS; exits with a
+  one-line error on a bad input."""
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"give one command, index or query, and flags; got {argv[1:]}")
+    raise app.UsageError(f"give one command, index, query or serve, and flags; got {argv[1:]}")
   command = argv[1]
   try:
     _check_flags(command)
-    if command == "index":
-      _index()
-    else:
-      _query()
+    {"index": _index, "query": _query, "serve": _serve}[command]()
   except (ValueError, OSError, ImportError) as error:
     sys.exit(f"cots_jax.search {command}: error: {error}")
 

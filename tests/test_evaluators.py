@@ -66,12 +66,14 @@ def test_the_listed_evaluators_run_in_order_with_their_own_options():
       "r", split, chunk=4096).run(embed_images, embed_texts)
 
 
-def test_eval_summary_lists_every_recall_of_every_evaluator():
+def test_eval_summary_lists_every_recall_and_accuracy_of_every_evaluator():
   results = {"eval/retrieval/i2t_r1": 1.0, "eval/retrieval/i2t_r5": 2.0,
              "eval/retrieval/t2i_r1": 3.0, "eval/retrieval/t2i_r5": 4.0,
              "eval/retrieval/rsum": 10.0, "eval/retrieval/r_mean": 2.5,
              "eval/retrieval/i2t_medr": 3.0, "eval/text_matching/r1": 7.0,
-             "eval/text_matching/meanr": 2.0, "eval/direction/t2v_r1": 50.0}
+             "eval/text_matching/meanr": 2.0, "eval/direction/t2v_r1": 50.0,
+             "eval/zeroshot/colour_top1": 40.0, "eval/zeroshot/colour_top5": 90.0,
+             "eval/zeroshot/colour_mean_per_class_recall": 41.0, "eval/zeroshot/shape_top1": 30.0}
   assert evaluators_common.summary(results) == (
       "retrieval: i2t R@1/5 1.0/2.0 t2i R@1/5 3.0/4.0; text_matching: R@1 7.0; "
-      "direction: t2v R@1 50.0")
+      "direction: t2v R@1 50.0; zeroshot: colour top-1/5 40.0/90.0 shape top-1 30.0")

@@ -252,7 +252,7 @@ def test_main_reports_bad_inputs_in_one_line(trained_run, tmp_path):
     _command_line("index", f"--workdir={trained_run}", "--captions=c.txt")
   with pytest.raises(SystemExit, match="cots_jax.search query: error: query takes no --images"):
     _command_line("query", index, "--text=a dog", "--images=f")
-  with pytest.raises(app.UsageError, match="give one command, index or query"):
+  with pytest.raises(app.UsageError, match="give one command, index, query or serve"):
     _command_line("find", index)
 
 

@@ -10,9 +10,10 @@ from cots_jax.data import tokenizer as tokenizer_lib
 from cots_jax.data import transforms
 
 
-def _padded_batches(num_items, batch_size, get_batch):
+def padded_batches(num_items, batch_size, get_batch):
   """Yields get_batch(indices) plus "valid" bool [batch_size] over 0..num_items-1; the last
-  batch repeats the last item up to batch_size (static shapes) with valid=False."""
+  batch repeats the last item up to batch_size (static shapes) with valid=False. The batches of
+  every evaluator (the eval split's, the zero-shot evaluator's)."""
   for start in range(0, num_items, batch_size):
     indices = np.arange(start, start + batch_size)
     batch = get_batch(np.minimum(indices, num_items - 1))
@@ -84,10 +85,10 @@ class EvalSplit:
     """Yields {"image": float32 [b, H, W, 3] in [-1, 1] (clips: "video" [b, T, H, W, 3]),
     "valid": bool [b]}; with attached image features, {"image_features": [b, Di], "valid"}."""
     if "image" in self._features:
-      return _padded_batches(self.num_images, self._batch_size,
-                             lambda i: {"image_features": self._features["image"][i]})
-    return _padded_batches(self.num_images, self._batch_size,
-                           lambda i: {self._visual_key: transforms.to_unit_range(self._images[i])})
+      return padded_batches(self.num_images, self._batch_size,
+                            lambda i: {"image_features": self._features["image"][i]})
+    return padded_batches(self.num_images, self._batch_size,
+                          lambda i: {self._visual_key: transforms.to_unit_range(self._images[i])})
 
   def view_batches(self, seed):
     """Yields {"image": float32 [b, H, W, 3] in [-1, 1], "valid": bool [b]}: an augmented view
@@ -102,7 +103,7 @@ class EvalSplit:
           self._view_transform(self._images[i], f"eval image {i}",
                                np.random.default_rng((seed, i)))
           for i in indices.tolist()])}
-    return _padded_batches(self.num_images, self._batch_size, views)
+    return padded_batches(self.num_images, self._batch_size, views)
 
   def text_batches(self):
     """Yields {"text_ids": int32 [b, L], "text_mask": int32 [b, L], "valid": bool [b]}, plus
@@ -112,7 +113,7 @@ class EvalSplit:
       if "text" in self._features:
         rows["text_features"] = self._features["text"][i]
       return rows
-    return _padded_batches(self.num_texts, self._batch_size, batch)
+    return padded_batches(self.num_texts, self._batch_size, batch)
 
 
 def make_eval_split(config, batch_size=None):

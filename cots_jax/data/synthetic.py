@@ -10,9 +10,14 @@ Train and eval scenes are disjoint by construction: a scene's canonical descript
 `_NUM_SPLIT_BUCKETS` buckets, eval owns bucket 0 and train the rest, and each image is
 rejection-sampled until its scene falls in its split. Everything is a pure function of
 (seed, split, index), so nothing needs caching.
+
+`single_object_scenes` draws scenes of exactly one object, balanced over colours and shapes, for
+the zero-shot evaluator (cots_jax/evaluators/zeroshot.py).
 """
 
 import dataclasses
+import functools
+import itertools
 import math
 import zlib
 
@@ -53,6 +58,7 @@ _BACKGROUND_TINT = 10.0  # ... plus a small per-channel tint (low saturation).
 _SUPERSAMPLE = 4  # antialiasing: shapes are drawn at 4x and box-filtered down.
 _NUM_SPLIT_BUCKETS = 4  # eval owns 1/4 of the scene space, train the rest.
 SPLIT_IDS = {"train": 0, "eval": 1}
+_SINGLE_OBJECT_STREAM = 1  # seed word of `single_object_scenes`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +318,41 @@ def split_of(description):
 def scene_split(scene):
   """"eval" or "train": the split that owns `scene`."""
   return split_of(scene.description())
+
+
+@functools.cache
+def _single_object_layouts(split):
+  """{(colour, shape): ((size, cell), ...)}: the single-object layouts that `split` owns."""
+  owned = {}
+  for colour, shape, size, cell in itertools.product(COLOURS, SHAPES, SIZES, CELLS):
+    if split_of(_describe_layout([(colour, shape, size, cell)])) == split:
+      owned.setdefault((colour, shape), []).append((size, cell))
+  return {pair: tuple(layouts) for pair, layouts in owned.items()}
+
+
+def single_object_scenes(num_images, split="eval", seed=0):
+  """`num_images` scenes of exactly one object, for classification by shape and by colour.
+
+  Scene i shows the (colour, shape) pair i mod 32 (colour-major order), so both attributes are
+  balanced; its size and cell are drawn among the single-object layouts that `split` owns (no
+  scene of the other split has that description), its jitter, shade and background as for any
+  scene. A pure function of (seed, split, i), drawn apart from `SyntheticCaptions`' images.
+
+  Returns:
+    tuple of `num_images` Scenes, each with one object.
+  """
+  if split not in SPLIT_IDS:
+    raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+  owned = _single_object_layouts(split)
+  pairs = list(itertools.product(COLOURS, SHAPES))
+  scenes = []
+  for index in range(num_images):
+    colour, shape = pairs[index % len(pairs)]
+    # A fourth seed word keeps these draws apart from SyntheticCaptions' (seed, split, index).
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index, _SINGLE_OBJECT_STREAM])
+    size, cell = pick_one(rng, owned[colour, shape])
+    scenes.append(realise_layout(((colour, shape, size, cell),), rng))
+  return tuple(scenes)
 
 
 class SyntheticCaptions:

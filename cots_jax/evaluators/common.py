@@ -22,7 +22,9 @@ from cots_jax import sharding
 from cots_jax.data import pipeline
 from cots_jax.data import registry
 from cots_jax.data import synthetic_video
+from cots_jax.data import tokenizer as tokenizer_lib
 from cots_jax.evaluators import retrieval
+from cots_jax.evaluators import zeroshot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,15 @@ def _direction(config, split, ks, chunk):
   return evaluator.run
 
 
+def _zeroshot(config, split, ks, chunk):
+  """Zero-shot classification of synthetic single-object images by shape and by colour."""
+  del split, chunk
+  evaluator = zeroshot.SyntheticZeroShotEvaluator(
+      "zeroshot", tokenizer_lib.load_tokenizer(config.input.tokenizer), config.input.max_len,
+      config.eval.batch_size, config.model.image.image_size, ks, config.seed)
+  return evaluator.run
+
+
 def _needs_images(config):
   return "needs images, not video" if registry.is_video(config) else None
 
@@ -81,11 +92,19 @@ def _needs_synthetic_video(config):
   return None
 
 
+def _needs_synthetic_images(config):
+  if config.input.data.name != "synthetic":
+    return ("classifies synthetic single-object images by shape and colour: it needs "
+            "input.data.name='synthetic'")
+  return None
+
+
 EVALUATORS = {
     "retrieval": EvaluatorKind(_retrieval),
     "image_instance": EvaluatorKind(_image_instance, _needs_images),
     "text_matching": EvaluatorKind(_text_matching),
     "direction": EvaluatorKind(_direction, _needs_synthetic_video, default_ks=(1,)),
+    "zeroshot": EvaluatorKind(_zeroshot, _needs_synthetic_images, default_ks=(1, 5)),
 }
 OPTIONS = ("ks", "chunk")
 
@@ -232,21 +251,23 @@ def run_evals(evaluators, embed_fns, params_trees):
 
 def summary(results):
   """One line: R@1/5/10 of every evaluator in `results` (of `run_evals`), both ways for
-  cross-modal ones."""
+  cross-modal ones, and the top-1/5 accuracies of classifying ones."""
   grouped = {}
   for key, value in results.items():
     _, name, metric = key.split("/")
     grouped.setdefault(name, {})[metric] = value
+  labels = {"r": "R@", "top": "top-"}
   parts = []
   for name, metrics in grouped.items():
-    # Cross-modal keys are i2t_r5, t2v_r1, ...: one "<direction> R@1/5/10 a/b/c" per direction.
+    # Cross-modal keys are i2t_r5, t2v_r1, ...: one "<direction> R@1/5/10 a/b/c" per direction;
+    # classification keys are shape_top1, ...: one "<classes> top-1/5 a/b" per class set.
     by_prefix = {}
     for key, value in metrics.items():
-      match = re.fullmatch(r"(?:(\w+)_)?r(\d+)", key)
+      match = re.fullmatch(r"(?:(\w+?)_)?(r|top)(\d+)", key)
       if match:
-        by_prefix.setdefault(match[1], []).append((match[2], value))
-    recalls = [f"{prefix + ' ' if prefix else ''}R@{'/'.join(k for k, _ in pairs)} "
-               + "/".join(f"{value:.1f}" for _, value in pairs)
-               for prefix, pairs in by_prefix.items()]
-    parts.append(f"{name}: {' '.join(recalls)}")
+        by_prefix.setdefault((match[1], match[2]), []).append((match[3], value))
+    scores = [f"{prefix + ' ' if prefix else ''}{labels[kind]}{'/'.join(k for k, _ in pairs)} "
+              + "/".join(f"{value:.1f}" for _, value in pairs)
+              for (prefix, kind), pairs in by_prefix.items()]
+    parts.append(f"{name}: {' '.join(scores)}")
   return "; ".join(parts)
