@@ -367,12 +367,6 @@ def _export():
         f"{', '.join(manifest['platforms'])}): {_OUT.value}")
 
 
-def _quiet_logs():
-  """The terminal shows warnings and errors only, INFO records go to absl's log dir."""
-  logs.quiet_terminal()
-  logs.log_to_file(logs.tool_log("export"))
-
-
 def main(argv):
   """Runs the export with the parsed FLAGS; exits with a one-line error on a bad input."""
   if len(argv) != 1:
@@ -384,11 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # This process imports no other entry, so absl's global FLAGS can take this tool's flags:
-  # app.run parses them (with absl's own) and --help lists them.
-  flags.FLAGS.append_flag_values(FLAGS)
-  for flag_name in FLAGS:
-    flags.declare_key_flag(flag_name)
-  FLAGS.mark_as_parsed()
-  app.call_after_init(_quiet_logs)
-  app.run(main)
+  logs.run_tool("export", FLAGS, main)

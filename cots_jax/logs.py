@@ -1,4 +1,5 @@
-"""A quiet terminal and a complete log file, for the entries (main, evaluate, report, search).
+"""A quiet terminal and a complete log file, for the entries (main, evaluate, report, search,
+export), and the launch of a tool with its own flags (`run_tool`).
 
 The libraries log much at INFO through Python's logging (Orbax a hundred lines per checkpoint,
 absl, jax, grain). The terminal shows only warnings and errors of it, beside what the entries
@@ -13,6 +14,8 @@ import logging
 from logging import handlers
 import os
 
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 import jax
@@ -61,3 +64,22 @@ def tool_log(tool):
   """The log file of a tool that works on no workdir of its own: cots_jax.TOOL.log.txt in absl's
   log dir."""
   return os.path.join(absl_logging.find_log_dir(), f"cots_jax.{tool}.{LOG_FILE}")
+
+
+def run_tool(tool, tool_flags, main):
+  """Runs `main` as the program `python -m cots_jax.TOOL`, with the tool's own flags
+  (`tool_flags`, a FlagValues kept apart from absl's global FLAGS so that tools can import each
+  other) parsed and listed by --help, and its logs quiet: warnings and errors on the terminal,
+  every record in `tool_log(tool)`."""
+  # This process imports no other entry, so absl's global FLAGS can take the tool's flags.
+  flags.FLAGS.append_flag_values(tool_flags)
+  for flag_name in tool_flags:
+    flags.declare_key_flag(flag_name)
+  tool_flags.mark_as_parsed()
+
+  def quiet_logs():
+    quiet_terminal()
+    log_to_file(tool_log(tool))
+
+  app.call_after_init(quiet_logs)
+  app.run(main)
