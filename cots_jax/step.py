@@ -10,6 +10,7 @@ enqueue the momentum keys. Its metrics stay on the device until the trainer read
 
 import dataclasses
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -195,6 +196,8 @@ def update_phases(built):
     unmasked.model.image.token_drop = 0.0
     phases.append((config.total_steps - tail + 1, jit_update(dataclasses.replace(
         built, config=unmasked, model=cots_model.CotsModel.from_config(unmasked)))))
+    logging.info("steps %d-%d run without token drop (model.image.unmasked_tuning_steps)",
+                 phases[1][0], config.total_steps)
   return phases
 
 

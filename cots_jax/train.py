@@ -110,9 +110,6 @@ def _train_and_evaluate(config, workdir, preemption):
 
   # --- update step (and the unmasked tail's, when configured)
   phases = step_lib.update_phases(built)
-  if len(phases) > 1:
-    logging.info("steps %d-%d run without token drop (model.image.unmasked_tuning_steps)",
-                 phases[1][0], config.total_steps)
 
   # --- evals
   evaluators = evaluators_common.from_config(config, split)
