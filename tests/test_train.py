@@ -257,7 +257,7 @@ def test_pairs_per_sec_counts_the_wait_for_the_steps_not_only_their_dispatch(mon
   config.total_steps, config.log_every, config.eval_every = 10, 5, 5
   config.input.batch_size = 4
   metrics = {"train/loss": 1.0, "train/grad_norm": 1.0}
-  train._loop(config, {}, lambda state, batch: (state, metrics), iter(range(10)), 0, Manager(),
-              None, Writer(), NoPreemption(), evaluate)
+  train._loop(config, {}, [(1, lambda state, batch: (state, metrics))], iter(range(10)), 0,
+              Manager(), None, Writer(), NoPreemption(), evaluate)
   rates = [m["train/pairs_per_sec"] for _, m in written if "train/pairs_per_sec" in m]
   assert rates == [5 * 4 / 10.0, 5 * 4 / 10.0]
