@@ -36,11 +36,13 @@ from cots_jax.metrics_writer import MetricWriter
 
 # The training pairs whose caption input.caption_noise replaced (pipeline.caption_noise_record).
 CAPTION_NOISE_FILE = "caption_noise.json"
+# The metrics of a run's last eval, written when it finishes (cots_jax/experiments reads them).
+FINAL_EVAL_FILE = "final_eval.json"
 
 
 def saved_final_eval(workdir):
   """The final eval metrics a finished run wrote to WORKDIR/final_eval.json ({} if none)."""
-  path = epath.Path(workdir) / "final_eval.json"
+  path = epath.Path(workdir) / FINAL_EVAL_FILE
   return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -137,7 +139,7 @@ def _train_and_evaluate(config, workdir, preemption):
   if preempted:
     return {}
   if is_chief and results:
-    (epath.Path(workdir) / "final_eval.json").write_text(json.dumps(results, indent=2))
+    (epath.Path(workdir) / FINAL_EVAL_FILE).write_text(json.dumps(results, indent=2))
   return results
 
 
