@@ -10,6 +10,10 @@ import os
 
 from etils import epath
 
+# The metrics of a run's last eval, written to WORKDIR when it finishes (train.py), read by
+# cots_jax/experiments to tell a finished run and report it.
+FINAL_EVAL_FILE = "final_eval.json"
+
 
 def is_local(path):
   """True for a local path (relative or absolute), False for a URL such as gs://bucket/dir."""

@@ -24,6 +24,7 @@ import tqdm
 
 from cots_jax import checkpoint
 from cots_jax import features
+from cots_jax import paths
 from cots_jax import sharding
 from cots_jax import state as state_lib
 from cots_jax import step as step_lib
@@ -36,13 +37,11 @@ from cots_jax.metrics_writer import MetricWriter
 
 # The training pairs whose caption input.caption_noise replaced (pipeline.caption_noise_record).
 CAPTION_NOISE_FILE = "caption_noise.json"
-# The metrics of a run's last eval, written when it finishes (cots_jax/experiments reads them).
-FINAL_EVAL_FILE = "final_eval.json"
 
 
 def saved_final_eval(workdir):
   """The final eval metrics a finished run wrote to WORKDIR/final_eval.json ({} if none)."""
-  path = epath.Path(workdir) / FINAL_EVAL_FILE
+  path = epath.Path(workdir) / paths.FINAL_EVAL_FILE
   return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -139,7 +138,7 @@ def _train_and_evaluate(config, workdir, preemption):
   if preempted:
     return {}
   if is_chief and results:
-    (epath.Path(workdir) / FINAL_EVAL_FILE).write_text(json.dumps(results, indent=2))
+    (epath.Path(workdir) / paths.FINAL_EVAL_FILE).write_text(json.dumps(results, indent=2))
   return results
 
 

@@ -68,15 +68,26 @@ def live_text_features(built, state, ids, mask):
                                       method=built.model.text_features))
 
 
+def cached_and_live_batches(config, tables):
+  """The first training batch with the cached text features, and the same batch with the
+  captions' tokens instead (the stream without the cache)."""
+  cached = next(pipeline.make_train_iterator(config, features=tables.train))
+  live = next(pipeline.make_train_iterator(config))
+  assert "text_ids" not in cached and "text_features" not in live
+  for key in cached.keys() - {"text_features"}:
+    np.testing.assert_array_equal(cached[key], live[key], err_msg=key)
+  return cached, live
+
+
 def test_a_locked_text_tower_is_cached_and_its_rows_are_the_live_outputs(run):
   _, built, state, split, tables = run
   assert features.cached_towers(built.config) == ("text",)
   assert set(tables.train) == set(tables.eval) == {"text"}
   assert tables.train["text"].shape == (12, built.config.model.text.width)
-  batch = next(pipeline.make_train_iterator(built.config, features=tables.train))
+  cached, live = cached_and_live_batches(built.config, tables)
   np.testing.assert_allclose(
-      batch["text_features"],
-      live_text_features(built, state, batch["text_ids"], batch["text_mask"]), atol=1e-5)
+      cached["text_features"],
+      live_text_features(built, state, live["text_ids"], live["text_mask"]), atol=1e-5)
   split.attach_features(tables.eval)
   for text_batch in split.text_batches():
     np.testing.assert_allclose(
@@ -87,8 +98,7 @@ def test_a_locked_text_tower_is_cached_and_its_rows_are_the_live_outputs(run):
 
 def test_the_step_with_cached_features_equals_the_step_with_the_live_locked_tower(run):
   _, built, state, _, tables = run
-  batch = next(pipeline.make_train_iterator(built.config, features=tables.train))
-  live = {key: value for key, value in batch.items() if key != "text_features"}
+  batch, live = cached_and_live_batches(built.config, tables)
   update = jax.jit(step_lib.make_update_fn(built.config, built.model, built.optimizer))
   copy = lambda: jax.tree.map(np.array, jax.device_get(state))  # noqa: E731
   cached_state, cached_metrics = update(copy(), batch)
@@ -152,13 +162,13 @@ def test_k_captions_per_image_carry_their_own_feature_rows_and_train(run):
       "input.captions_per_image": 2, "loss.itc": 0.0, "loss.kl_align": 0.0, "loss.mvm": 0.0,
       "loss.cookie_cm": 1.0, "amf.enabled": False, "queue.multi_positive": True})
   built_k = state_lib.build(config, built.mesh, built.vq_variables)
-  batch = next(pipeline.make_train_iterator(built_k.config, features=tables.train))
+  batch, tokens = cached_and_live_batches(built_k.config, tables)
   b = config.input.batch_size
-  assert batch["text_ids"].shape == (b, 2, config.input.max_len)
+  assert tokens["text_ids"].shape == (b, 2, config.input.max_len)
   assert batch["text_features"].shape == (b, 2, config.model.text.width)
-  assert "mlm_ids" not in batch
-  live = live_text_features(built, state, batch["text_ids"].reshape(2 * b, -1),
-                            batch["text_mask"].reshape(2 * b, -1))
+  assert "mlm_ids" not in tokens
+  live = live_text_features(built, state, tokens["text_ids"].reshape(2 * b, -1),
+                            tokens["text_mask"].reshape(2 * b, -1))
   np.testing.assert_allclose(batch["text_features"].reshape(2 * b, -1), live, atol=1e-5)
   # Flickr-like images have exactly 2 captions here: all of them, in order.
   update = jax.jit(step_lib.make_update_fn(built_k.config, built_k.model, built_k.optimizer))

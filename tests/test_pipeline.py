@@ -131,6 +131,26 @@ def test_train_batches_match_the_source_and_the_contract(tokenizer, caption_ids)
       assert set(changed) <= set(positions)
 
 
+def test_fields_that_no_term_reads_are_left_out_and_the_rest_unchanged(caption_ids):
+  full = next(pipeline.make_train_iterator(_config()))
+  config = _config()
+  config.loss.update(mlm=0.0, mvm=0.0)
+  cached_text = {"text": np.arange(EXAMPLES * 4, dtype=np.float32).reshape(EXAMPLES, 4)}
+  assert pipeline.fields_read(config, cached_text) == (False, False, False)
+  lean = next(pipeline.make_train_iterator(config, features=cached_text))
+  assert set(lean) == {"image", "image_id", "text_features", "skipped"}
+  for key in lean.keys() - {"text_features"}:
+    np.testing.assert_array_equal(lean[key], full[key], err_msg=key)
+  # Each pair carries the feature row of its own caption (rows in pair_table order).
+  np.testing.assert_array_equal(lean["text_features"][:, 0],
+                                4 * np.array(_examples(full, caption_ids)))
+  assert pipeline.fields_read(config, None) == (True, False, False)
+  config.loss.update(mvm=0.1, cookie_tt=1.0)
+  assert pipeline.fields_read(config, cached_text) == (True, False, True)
+  config.loss.cookie_intra_mode = "cross_model"  # reads the pooled features, not the tokens
+  assert pipeline.fields_read(config, cached_text) == (False, False, True)
+
+
 def test_train_stream_is_deterministic_by_seed():
   first = _take(pipeline.make_train_iterator(_config()), 3)
   _assert_same(first, _take(pipeline.make_train_iterator(_config()), 3))

@@ -156,6 +156,10 @@ class _MakePair:
   mvm_mode: str
   mvm_min_block: int
   on_bad_example: str
+  # The fields some part of the step reads (`fields_read`): what nothing reads is not computed.
+  with_tokens: bool = True
+  with_mlm: bool = True
+  with_mvm: bool = True
   # A cached locked tower's pooled outputs (cots_jax/features.py): float32 [images, Di] (NaN rows:
   # did not decode) and [pairs, Dt]; the pair carries its row instead of needing the tower.
   image_features: np.ndarray | None = None
@@ -179,6 +183,12 @@ class _MakePair:
     full_size = item.get("full_size")  # set by the decoded-once cache
     return {"image": self.image_transform(pixels, item["name"], rng, full_size)}, pixels
 
+  def _add_mvm_mask(self, pair, rng):
+    """Adds `mvm_mask` [N] when MVM reads it."""
+    if self.with_mvm:
+      pair["mvm_mask"] = masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches,
+                                          self.mvm_mode, self.mvm_min_block)
+
   def _view(self, pair, item, pixels, rng):
     """Adds `image_view`, drawn last, so turning the view on leaves every other field of the
     pair as it was."""
@@ -198,13 +208,15 @@ class _MakePair:
       visual, pixels = self._visual(item, image_index, rng)
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
-    ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
-    mlm = masking.mlm_mask(ids[0], rng, self.mlm_prob, self.max_predictions,
-                           len(self.tokenizer), self.special_ids, self.tokenizer.mask_token_id)
-    mvm = masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches, self.mvm_mode,
-                           self.mvm_min_block)
-    pair = {**visual, "text_ids": ids[0], "text_mask": mask[0],
-            "image_id": np.int32(item["image_id"]), **mlm, "mvm_mask": mvm}
+    pair = {**visual, "image_id": np.int32(item["image_id"])}
+    if self.with_tokens:
+      ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
+      pair.update(text_ids=ids[0], text_mask=mask[0])
+      if self.with_mlm:
+        pair.update(masking.mlm_mask(ids[0], rng, self.mlm_prob, self.max_predictions,
+                                     len(self.tokenizer), self.special_ids,
+                                     self.tokenizer.mask_token_id))
+    self._add_mvm_mask(pair, rng)
     if self.text_features is not None:
       pair["text_features"] = self.text_features[caption_pair]
     if self.caption_source is not None:
@@ -234,11 +246,11 @@ class _MakeImageWithCaptions(_MakePair):
       visual, pixels = self._visual(item, image_index, rng)
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
-    ids, mask = tokenizer_lib.tokenize(self.tokenizer, texts, self.max_len)
-    pair = {**visual, "text_ids": ids, "text_mask": mask,
-            "image_id": np.int32(item["image_id"]),
-            "mvm_mask": masking.mvm_mask(rng, *self.patch_grid, self.num_masked_patches,
-                                         self.mvm_mode, self.mvm_min_block)}
+    pair = {**visual, "image_id": np.int32(item["image_id"])}
+    if self.with_tokens:
+      ids, mask = tokenizer_lib.tokenize(self.tokenizer, texts, self.max_len)
+      pair.update(text_ids=ids, text_mask=mask)
+    self._add_mvm_mask(pair, rng)
     if self.text_features is not None:
       pair["text_features"] = self.text_features[self.first_pair_of_image[image_index] + chosen]
     return self._view(pair, item, pixels, rng)
@@ -340,6 +352,17 @@ def train_source(config):
   return cached
 
 
+def fields_read(config, features):
+  """(tokens, mlm, mvm): whether some part of the step reads the captions' `text_ids` /
+  `text_mask`, the MLM fields and `mvm_mask`. The tokens are read by a text tower that runs (not
+  cached in `features`), by MLM and by COOKIE's second caption pass; the rest by their term."""
+  loss = config.loss
+  mlm = loss.mlm > 0
+  second_caption_pass = loss.cookie_tt > 0 and loss.cookie_intra_mode == "views"
+  tokens = "text" not in (features or {}) or mlm or second_caption_pass
+  return tokens, mlm, loss.mvm > 0
+
+
 def make_train_dataset(config, *, process_index=0, process_count=1, features=None):
   """The endless training stream of this process, a grain IterDataset of batches.
 
@@ -347,7 +370,9 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   [-1, 1]; text_ids, text_mask, mlm_ids int32 [B, L]; image_id int32 [B]; mlm_positions,
   mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N]; skipped int32 [B]
   (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
-  N = patches per image. A video source (`is_video`) gives `video` float32 [B, T, H, W, 3] (T =
+  N = patches per image; a field that no part of the step reads (`fields_read`: the tokens of a
+  cached text tower, MLM's fields without MLM, `mvm_mask` without MVM) is left out and costs
+  nothing. A video source (`is_video`) gives `video` float32 [B, T, H, W, 3] (T =
   model.num_frames, sampled by `transforms.ImageTransform.clip_pixels`) instead of `image`. With
   input.group_batches, every batch holds whole groups of the source (`batch_group_size`
   consecutive items, e.g. synthetic clips that differ only in direction), one caption each, as
@@ -372,6 +397,7 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
   per_image = inp.captions_per_image
+  with_tokens, with_mlm, with_mvm = fields_read(config, features)
   fields = dict(
       source=source, pairs=pairs, image_transform=transforms.ImageTransform.for_training(config),
       view_transform=transforms.ImageTransform.for_views(config) if inp.second_view else None,
@@ -382,7 +408,8 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
       patch_grid=shapes.patch_grid(config),
       num_masked_patches=shapes.num_mvm_masked(config),
       mvm_mode=inp.mvm_mask, mvm_min_block=inp.mvm_min_block,
-      on_bad_example=inp.on_bad_example, **{
+      on_bad_example=inp.on_bad_example, with_tokens=with_tokens, with_mlm=with_mlm,
+      with_mvm=with_mvm, **{
           f"{tower}_features": table for tower, table in (features or {}).items()})
   if per_image > 1:
     make_pair = _MakeImageWithCaptions(

@@ -9,6 +9,7 @@ here and nowhere else.
 import dataclasses
 from typing import Callable
 
+from cots_jax.data import array_record
 from cots_jax.data import sources
 from cots_jax.data import synthetic
 from cots_jax.data import synthetic_video
@@ -67,6 +68,11 @@ def _tfds(config, train):
   return train_source if train else split_source(data.tfds_eval_split, len(train_source))
 
 
+def _array_record(config, train):
+  data = config.input.data
+  return array_record.ArrayRecordCaptions(data.paths if train else data.eval_paths)
+
+
 def _msrvtt(config, train):
   data = config.input.data
   return video.MsrVttSource(data.annotations, data.videos_dir, "train" if train else "eval",
@@ -83,6 +89,7 @@ SOURCES = {
     "synthetic": SourceKind(_synthetic),
     "captions_json": SourceKind(_captions_json, required=("annotations", "images_dir")),
     "tfds": SourceKind(_tfds, required=("tfds_name",)),
+    "array_record": SourceKind(_array_record, required=("paths", "eval_paths")),
     "synthetic_video": SourceKind(_synthetic_video, video=True),
     "msrvtt": SourceKind(_msrvtt, required=("annotations", "videos_dir"), video=True),
     "frames_folder": SourceKind(_frames_folder, required=("annotations", "videos_dir"),

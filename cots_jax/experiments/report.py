@@ -12,6 +12,7 @@ import numpy as np
 
 from cots_jax import config_validation
 from cots_jax import metrics_writer
+from cots_jax import paths
 from cots_jax import plots
 from cots_jax.experiments import runner
 
@@ -100,7 +101,7 @@ def load_run(path, seed):
   config_path = os.path.join(path, "config.json")
   config = ml_collections.ConfigDict(runner.read_json(config_path)) if os.path.exists(
       config_path) else None
-  return RunResult(seed, runner.read_json(os.path.join(path, runner.FINAL_EVAL)), wall,
+  return RunResult(seed, runner.read_json(os.path.join(path, paths.FINAL_EVAL_FILE)), wall,
                    bool(config and config.amf.enabled),
                    amf_series(path, config) if config else None)
 
@@ -114,13 +115,6 @@ def mean_std(values, digits=2):
   if len(values) == 1:
     return f"{values[0]:.{digits}f}"
   return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def format_duration(seconds):
-  """Seconds -> "12 min 5 s" ("1 h 2 min 3 s" from an hour on)."""
-  hours, rest = divmod(round(seconds), 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f"{hours} h {minutes} min {seconds} s" if hours else f"{minutes} min {seconds} s"
 
 
 def _markdown_table(header, rows):
@@ -227,7 +221,7 @@ def results_markdown(workdir, held, results):
     rows.append([f"`{variant}`", str(len(runs))]
                 + [mean_std([_retrieval(run, key) for run in runs]) for _, key in RETRIEVAL_COLUMNS]
                 + [mean_std([_retrieval(run, "rsum", "retrieval_momentum") for run in runs]),
-                   format_duration(np.mean(walls)) if walls else "-"])
+                   runner.format_duration(np.mean(walls)) if walls else "-"])
   header = ["variant", "seeds", *(column for column, _ in RETRIEVAL_COLUMNS), "rsum (momentum)",
             "wall"]
   lines += ["", *_markdown_table(header, rows), "", "Variants:"]

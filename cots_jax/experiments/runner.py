@@ -21,11 +21,11 @@ import time
 import numpy as np
 
 from configs import grids
+from cots_jax import paths
 from cots_jax import vq_trainer
 
 GRID_FILE = "grid.json"
 RUN_FILE = "experiment.json"
-FINAL_EVAL = "final_eval.json"
 VQ_DIR = "_vq"
 
 
@@ -107,7 +107,7 @@ def latest_checkpoint(path):
 
 def is_finished(path):
   """Whether run dir `path` holds its final eval."""
-  return os.path.exists(os.path.join(path, FINAL_EVAL))
+  return os.path.exists(os.path.join(path, paths.FINAL_EVAL_FILE))
 
 
 def run_status(path):
@@ -119,10 +119,11 @@ def run_status(path):
   return "starting" if step is None else f"resuming from step {step}"
 
 
-def format_eta(seconds):
-  """Seconds -> "1h05m"."""
-  hours, minutes = divmod(round(seconds / 60), 60)
-  return f"{hours}h{minutes:02d}m"
+def format_duration(seconds):
+  """Seconds -> "12 min 5 s" ("1 h 2 min 3 s" from an hour on)."""
+  hours, rest = divmod(round(seconds), 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours} h {minutes} min {seconds} s" if hours else f"{minutes} min {seconds} s"
 
 
 def _write_json(path, data):
@@ -263,7 +264,7 @@ def run_grid(name, workdir, seeds=3, base_arg="", only=()):
         line = f"[{number}/{len(runs)}] {name}/{variant} seed {seed}: {run_status(path)}"
         if walls:
           left = sum(not is_finished(run_dir(workdir, *run)) for run in runs[number - 1:])
-          line += f", ETA {format_eta(np.mean(walls) * left)}"
+          line += f", ETA {format_duration(np.mean(walls) * left)}"
         print(line, flush=True)
         if is_finished(path):
           continue
