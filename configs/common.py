@@ -301,8 +301,8 @@ def base_config(size="tiny"):
   c.input.cache_decoded = False
   c.input.prefetch = 2  # batches read ahead by threads; 0 = synchronous
   c.input.data = ml_collections.ConfigDict()
-  # synthetic | captions_json | tfds | array_record; video: synthetic_video | msrvtt |
-  # frames_folder
+  # synthetic | captions_json | tfds | array_record | webdataset; video: synthetic_video |
+  # msrvtt | frames_folder
   c.input.data.name = "synthetic"
   c.input.data.num_train_images = 20_000  # synthetic only
   c.input.data.num_eval_images = 500  # synthetic only
@@ -327,10 +327,13 @@ def base_config(size="tiny"):
   c.input.data.image_key = "image"
   c.input.data.captions_key = "captions"
   c.input.data.caption_text_key = ""  # coco_captions: "text" (captions are dicts)
-  # array_record: shards written by `python -m cots_jax.data.convert` (docs/data.md), local or
-  # gs://: comma-separated paths, glob or brace patterns (train-{00000..00099}.array_record).
+  # array_record (shards written by `python -m cots_jax.data.convert`) and webdataset
+  # (img2dataset tars), docs/data.md: local or gs://, comma-separated paths, globs or brace
+  # patterns (train-{00000..00099}.array_record).
   c.input.data.paths = ""  # the training split's shards
   c.input.data.eval_paths = ""  # the eval split's shards (image ids apart from the training ones)
+  c.input.data.shuffle_buffer = 10_000  # webdataset: examples shuffled together, per process
+  c.input.data.json_caption_key = "caption"  # webdataset: the caption's field of a key's .json
 
   # Devices as ((axis, size), ...), one size -1 = the rest. FSDP: (("data", -1), ("fsdp", 8)).
   c.mesh = (("data", -1),)

@@ -241,11 +241,29 @@ def _validate_input(config):
   if noise > 0 and (config.input.captions_per_image > 1 or config.input.group_batches):
     _fail("input.caption_noise", noise, "replaces the caption of single pairs: it needs "
           "input.captions_per_image=1 and input.group_batches=False")
+  if registry.is_streamed(config):
+    _validate_streamed(config)
   for field in ("crop_scale", "view_crop_scale"):
     low, high = config.input[field]
     if not 0 < low <= high <= 1:
       _fail(f"input.{field}", tuple(config.input[field]),
             "must be (low, high), 0 < low <= high <= 1")
+
+
+def _validate_streamed(config):
+  """A streamed training split (webdataset tars) gives no list of its examples: the features
+  that need one are refused, naming the field."""
+  name = config.input.data.name
+  for field, value in (("input.cache_decoded", config.input.cache_decoded),
+                       ("input.caption_noise", config.input.caption_noise),
+                       ("input.captions_per_image", config.input.captions_per_image > 1),
+                       ("input.group_batches", config.input.group_batches)):
+    if value:
+      _fail(field, _get(config, field), f"needs a list of the training examples, which "
+            f"input.data.name={name!r} streams: convert its shards to ArrayRecord (python -m "
+            "cots_jax.data.convert, docs/data.md)")
+  if config.input.data.shuffle_buffer < 1:
+    _fail("input.data.shuffle_buffer", config.input.data.shuffle_buffer, "must be >= 1")
 
 
 def amf_warmup_steps(config):

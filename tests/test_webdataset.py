@@ -17,12 +17,17 @@ from PIL import features
 import pytest
 
 from configs import pretrain
+from cots_jax import config_validation
+from cots_jax import train
 from cots_jax.data import pipeline
+from cots_jax.data import registry
 from cots_jax.data import shard_paths
 from cots_jax.data import tokenizer as tokenizer_lib
 from cots_jax.data import transforms
 from cots_jax.data import webdataset
 from cots_jax.data.transforms import BadExampleError
+from cots_jax.metrics_writer import read_metrics
+import support
 from support import shared_dataset_dir
 
 
@@ -394,3 +399,60 @@ def test_flickr8k_bytes_survive_a_tar(tmp_path):
   examples = list(webdataset.iter_examples(shard))
   assert [(e["image"], e["captions"]) for e in examples] == expected
   assert transforms.decode_image(examples[0]["image"], "x").ndim == 3
+
+
+# ------------------------------------------------------------------- the source in a run
+
+
+def _run_config(tmp_path, **overrides):
+  """A tiny run reading 3 training shards of 8 keys and an eval shard of 6."""
+  train_shards = _shards(tmp_path / "train", 3, 8)
+  eval_shard = _shards(tmp_path / "eval", 1, 6)[0]
+  return support.tiny_config(**{
+      "input.data.name": "webdataset", "input.data.paths": ",".join(train_shards),
+      "input.data.eval_paths": eval_shard, "input.data.shuffle_buffer": 4, "loss.mlm": 0.0,
+      "loss.mvm": 0.0, **overrides}), train_shards
+
+
+def test_the_training_pipeline_streams_every_shard_once_an_epoch_and_resumes(tmp_path):
+  config, train_shards = _run_config(tmp_path)
+  expected = {webdataset.image_id(shard, f"{n:09d}")
+              for i, shard in enumerate(train_shards) for n in range(8 * i, 8 * i + 8)}
+  iterator = pipeline.make_train_iterator(config)
+  epoch = _take(iterator, 3)  # 24 examples: one epoch of the 3 shards
+  ids = np.concatenate([batch["image_id"] for batch in epoch])
+  assert sorted(ids.tolist()) == sorted(expected)
+  assert epoch[0]["image"].shape == (8, 24, 24, 3)
+  assert epoch[0]["text_ids"].shape == (8, config.input.max_len)
+  state = iterator.get_state()
+  following = _take(iterator, 2)
+  resumed = pipeline.make_train_iterator(config)
+  resumed.set_state(state)
+  for a, b in zip(following, _take(resumed, 2), strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_streamed_source_refuses_what_needs_a_list_of_examples(tmp_path):
+  config, _ = _run_config(tmp_path, **{"input.cache_decoded": True})
+  with pytest.raises(ValueError, match="input.cache_decoded.*convert its shards to ArrayRecord"):
+    config_validation.validate(config)
+  config.input.cache_decoded = False
+  config_validation.validate(config)
+  with pytest.raises(ValueError, match="streams its training shards"):
+    registry.make_source(config, "train")
+  split = registry.make_source(config, "eval")
+  assert len(split) == 6 and split.captions(0) == ["caption 0"]
+
+
+@pytest.mark.slow
+def test_three_training_steps_and_an_eval_read_webdataset_shards(tmp_path):
+  config, _ = _run_config(tmp_path, **{
+      "total_steps": 3, "eval_every": 3, "checkpoint_every": 3, "log_every": 3})
+  workdir = os.fspath(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  logged = read_metrics(workdir)
+  assert any(record.get("step") == 3 and "data/skipped" in record for record in logged)
+  assert any("eval/retrieval/i2t_r1" in record for record in logged)
+  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -208,6 +208,16 @@ class _MakePair:
       visual, pixels = self._visual(item, image_index, rng)
     except transforms.BadExampleError as error:
       return bad_example(error, self.on_bad_example)
+    pair = self._caption_fields(visual, item, caption, rng)
+    if self.text_features is not None:
+      pair["text_features"] = self.text_features[caption_pair]
+    if self.caption_source is not None:
+      pair["caption_replaced"] = np.bool_(caption_pair != int(example))
+    return self._view(pair, item, pixels, rng)
+
+  def _caption_fields(self, visual, item, caption, rng):
+    """The pair of the `visual` fields and `caption`: image_id, the caption's tokens and MLM
+    fields, `mvm_mask` (each when read: `fields_read`)."""
     pair = {**visual, "image_id": np.int32(item["image_id"])}
     if self.with_tokens:
       ids, mask = tokenizer_lib.tokenize(self.tokenizer, [caption], self.max_len)
@@ -217,11 +227,23 @@ class _MakePair:
                                      len(self.tokenizer), self.special_ids,
                                      self.tokenizer.mask_token_id))
     self._add_mvm_mask(pair, rng)
-    if self.text_features is not None:
-      pair["text_features"] = self.text_features[caption_pair]
-    if self.caption_source is not None:
-      pair["caption_replaced"] = np.bool_(caption_pair != int(example))
-    return self._view(pair, item, pixels, rng)
+    return pair
+
+
+@dataclasses.dataclass(frozen=True)
+class _MakeStreamedPair(_MakePair):
+  """(item of a streamed source or its bad-example marker, rng) -> one training pair as
+  `_MakePair`'s, its caption drawn among the item's; `source` and `pairs` are None."""
+
+  def __call__(self, item, rng):
+    if "bad_example" in item:
+      return item
+    try:
+      caption = _pick_caption(item, -1, rng)
+      visual, pixels = self._visual(item, None, rng)
+    except transforms.BadExampleError as error:
+      return bad_example(error, self.on_bad_example)
+    return self._view(self._caption_fields(visual, item, caption, rng), item, pixels, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,14 +280,17 @@ class _MakeImageWithCaptions(_MakePair):
 
 @dataclasses.dataclass(frozen=True)
 class _MakeImage:
-  """(image index, rng) -> {"image": float32 [H, W, 3]} or a bad-example marker."""
+  """(image index, rng) -> {"image": float32 [H, W, 3]} or a bad-example marker; with `source`
+  None, (item of a streamed source or its marker, rng) -> the same."""
   source: Any
   image_transform: transforms.ImageTransform
   on_bad_example: str
 
-  def __call__(self, index, rng):
+  def __call__(self, example, rng):
     try:
-      item = self.source[int(index)]
+      item = example if self.source is None else self.source[int(example)]
+      if "bad_example" in item:
+        return item
       return {"image": self.image_transform(item["image"], item["name"], rng,
                                             item.get("full_size"))}
     except transforms.BadExampleError as error:
@@ -322,11 +347,13 @@ class _SkipBadExamples(grain.IterDataset):
 
 
 def _batched(examples, batch_size, input_config):
-  """MapDataset of examples (or bad markers) -> IterDataset of batches: `prefetch` threads read
-  ahead, bad examples are skipped, then `num_workers` worker processes (0: this process)."""
+  """MapDataset (or streamed IterDataset) of examples (or bad markers) -> IterDataset of
+  batches: `prefetch` threads read a MapDataset ahead, bad examples are skipped, then
+  `num_workers` worker processes (0: this process)."""
   prefetch = input_config.prefetch
-  examples = examples.to_iter_dataset(
-      grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch * batch_size))
+  if isinstance(examples, grain.MapDataset):
+    examples = examples.to_iter_dataset(
+        grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch * batch_size))
   batches = _SkipBadExamples(examples).batch(batch_size, drop_remainder=True)
   if input_config.num_workers:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
@@ -363,6 +390,12 @@ def fields_read(config, features):
   return tokens, mlm, loss.mvm > 0
 
 
+def _process_seed(seed, process_index):
+  """The random_map seed of a stream that each process maps on its own: seeded alike, the k-th
+  example of every process would get the same random draws."""
+  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+
+
 def make_train_dataset(config, *, process_index=0, process_count=1, features=None):
   """The endless training stream of this process, a grain IterDataset of batches.
 
@@ -370,7 +403,10 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   [-1, 1]; text_ids, text_mask, mlm_ids int32 [B, L]; image_id int32 [B]; mlm_positions,
   mlm_targets int32 [B, P]; mlm_weights float32 [B, P]; mvm_mask bool [B, N]; skipped int32 [B]
   (bad examples dropped before each pair) with L = input.max_len, P = ceil(input.mlm_prob * L),
-  N = patches per image; a field that no part of the step reads (`fields_read`: the tokens of a
+  N = patches per image. A streamed source (`registry.is_streamed`: webdataset tars) gives
+  this process's items from its own shards, in blocks shuffled by input.data.shuffle_buffer
+  (`webdataset.WebDatasetShards`), each with one of its captions drawn at random. A field that
+  no part of the step reads (`fields_read`: the tokens of a
   cached text tower, MLM's fields without MLM, `mvm_mask` without MVM) is left out and costs
   nothing. A video source (`is_video`) gives `video` float32 [B, T, H, W, 3] (T =
   model.num_frames, sampled by `transforms.ImageTransform.clip_pixels`) instead of `image`. With
@@ -392,14 +428,12 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   if not 0 <= process_index < process_count or batch_size % process_count:
     raise ValueError(f"input.batch_size={batch_size} must split evenly over process_count="
                      f"{process_count} (process_index={process_index})")
-  source = train_source(config)
-  pairs = pair_table(source)
   tokenizer = tokenizer_lib.load_tokenizer(config.input.tokenizer)
   inp = config.input
   per_image = inp.captions_per_image
   with_tokens, with_mlm, with_mvm = fields_read(config, features)
   fields = dict(
-      source=source, pairs=pairs, image_transform=transforms.ImageTransform.for_training(config),
+      image_transform=transforms.ImageTransform.for_training(config),
       view_transform=transforms.ImageTransform.for_views(config) if inp.second_view else None,
       num_frames=config.model.num_frames if registry.is_video(config) else 0,
       tokenizer=tokenizer, special_ids=tuple(tokenizer.all_special_ids),
@@ -411,6 +445,14 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
       on_bad_example=inp.on_bad_example, with_tokens=with_tokens, with_mlm=with_mlm,
       with_mvm=with_mvm, **{
           f"{tower}_features": table for tower, table in (features or {}).items()})
+  if registry.is_streamed(config):
+    items = registry.training_stream(config, process_index, process_count)
+    examples = items.random_map(_MakeStreamedPair(source=None, pairs=None, **fields),
+                                seed=_process_seed(config.seed, process_index))
+    return _batched(examples, batch_size // process_count, inp)
+  source = train_source(config)
+  pairs = pair_table(source)
+  fields.update(source=source, pairs=pairs)
   if per_image > 1:
     make_pair = _MakeImageWithCaptions(
         **fields, captions_per_image=per_image,
@@ -423,10 +465,7 @@ def make_train_dataset(config, *, process_index=0, process_count=1, features=Non
   if inp.group_batches:
     rows = grouped.grouped_rows(source, pairs, batch_size // process_count, config.seed,
                          process_index, process_count)
-    # Each process maps only its own rows: seeded alike, the k-th pair of every process would
-    # get the same random draws.
-    process_seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
-    examples = rows.random_map(make_pair, seed=process_seed)
+    examples = rows.random_map(make_pair, seed=_process_seed(config.seed, process_index))
   else:
     examples = (grain.MapDataset.range(num_examples)
                 .shuffle(seed=config.seed)
@@ -444,10 +483,15 @@ def make_train_iterator(config, *, process_index=0, process_count=1, features=No
 def make_image_iterator(config, batch_size, seed):
   """Endless iterator of {"image": float32 [batch_size, H, W, 3] in [-1, 1], "skipped": int32
   [batch_size]} batches over the training images with the training augmentation, shuffled by
-  `seed` anew every epoch (trains the VQ tokenizer)."""
+  `seed` anew every epoch (trains the VQ tokenizer); a streamed source's images come from this
+  process's training stream."""
+  image_transform = transforms.ImageTransform.for_training(config)
+  if registry.is_streamed(config):
+    make_image = _MakeImage(None, image_transform, config.input.on_bad_example)
+    images = registry.training_stream(config, 0, 1)  # every process, as the source's images
+    return iter(_batched(images.random_map(make_image, seed=seed), batch_size, config.input))
   source = train_source(config)
-  make_image = _MakeImage(source, transforms.ImageTransform.for_training(config),
-                          config.input.on_bad_example)
+  make_image = _MakeImage(source, image_transform, config.input.on_bad_example)
   images = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
             .random_map(make_image, seed=seed))
   return iter(_batched(images, batch_size, config.input))

@@ -14,6 +14,7 @@ from cots_jax.data import sources
 from cots_jax.data import synthetic
 from cots_jax.data import synthetic_video
 from cots_jax.data import video
+from cots_jax.data import webdataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +25,15 @@ class SourceKind:
     make: (config, train: bool) -> the source of the train or the eval split.
     required: fields of `config.input.data` that must be non-empty.
     video: True when its items hold a clip (`video`) instead of an image.
+    stream: None for a source with random access over its training examples; else (config,
+      process_index, process_count) -> the grain IterDataset of this process's training items
+      (source items, or bad-example markers): the training split is streamed, never listed
+      (`make` then gives the eval split only).
   """
   make: Callable
   required: tuple = ()
   video: bool = False
+  stream: Callable | None = None
 
 
 # Sources whose splits are numbered apart get first_id = the train size for the eval split, so
@@ -73,6 +79,25 @@ def _array_record(config, train):
   return array_record.ArrayRecordCaptions(data.paths if train else data.eval_paths)
 
 
+def _webdataset(config, train):
+  data = config.input.data
+  if train:
+    raise ValueError("input.data.name='webdataset' streams its training shards, which gives no "
+                     "list of the training examples (cached features, input.cache_decoded, "
+                     "caption noise need one): convert them to ArrayRecord with python -m "
+                     "cots_jax.data.convert --from=webdataset (docs/data.md)")
+  return webdataset.ShardExamples(data.eval_paths, data.json_caption_key,
+                                  config.input.on_bad_example)
+
+
+def _webdataset_stream(config, process_index, process_count):
+  data = config.input.data
+  return webdataset.WebDatasetShards(
+      data.paths, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
+      process_index=process_index, process_count=process_count,
+      caption_field=data.json_caption_key, on_bad_example=config.input.on_bad_example)
+
+
 def _msrvtt(config, train):
   data = config.input.data
   return video.MsrVttSource(data.annotations, data.videos_dir, "train" if train else "eval",
@@ -90,6 +115,8 @@ SOURCES = {
     "captions_json": SourceKind(_captions_json, required=("annotations", "images_dir")),
     "tfds": SourceKind(_tfds, required=("tfds_name",)),
     "array_record": SourceKind(_array_record, required=("paths", "eval_paths")),
+    "webdataset": SourceKind(_webdataset, required=("paths", "eval_paths"),
+                             stream=_webdataset_stream),
     "synthetic_video": SourceKind(_synthetic_video, video=True),
     "msrvtt": SourceKind(_msrvtt, required=("annotations", "videos_dir"), video=True),
     "frames_folder": SourceKind(_frames_folder, required=("annotations", "videos_dir"),
@@ -122,6 +149,27 @@ def make_source(config, split_kind):
   return SOURCES[config.input.data.name].make(config, split_kind == "train")
 
 
+def training_stream(config, process_index, process_count):
+  """The IterDataset of this process's training items of a streamed source (`is_streamed`)."""
+  check_config(config)
+  return SOURCES[config.input.data.name].stream(config, process_index, process_count)
+
+
+def is_streamed(config):
+  """True when the config's training split is streamed (`SourceKind.stream`), not listed.
+
+  Raises:
+    ValueError as `check_config`.
+  """
+  check_config(config)
+  return SOURCES[config.input.data.name].stream is not None
+
+
 def is_video(config):
-  """True when the config's source yields clips (batches carry `video` [B, T, H, W, 3])."""
+  """True when the config's source yields clips (batches carry `video` [B, T, H, W, 3]).
+
+  Raises:
+    ValueError as `check_config`.
+  """
+  check_config(config)
   return SOURCES[config.input.data.name].video

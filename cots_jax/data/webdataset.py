@@ -414,3 +414,46 @@ class _BlockShuffleIterator(grain.DatasetIterator):
                     "again from its first shard", state["layout"], self._stream.layout,
                     state["epoch"])
     self._go_to((state["epoch"], 0, 0), block=0, index=0)
+
+
+class ShardExamples:
+  """The examples of some shards read once into memory, with random access: the eval split of a
+  webdataset (a few thousand images), with `sources.CaptionsJson`'s interface. Bad examples are
+  left out, named in the first warnings and counted (`num_skipped`); under on_bad_example="fail"
+  the first stops it."""
+
+  def __init__(self, shards, caption_field="caption", on_bad_example="skip"):
+    """Reads every example of the `expand_shards` spec `shards`.
+
+    Raises:
+      ValueError as `expand_shards`, or when no example is left; BadExampleError under "fail".
+    """
+    log = pipeline.BadExampleLog("webdataset eval shards")
+    self._examples = []
+    for shard in shard_paths.expand_shards(shards):
+      for example in iter_examples(shard, caption_field, on_bad_example):
+        if "bad_example" in example:
+          log.add(example["bad_example"])
+        else:
+          self._examples.append(example)
+    self.num_skipped = log.count
+    if not self._examples:
+      raise ValueError(f"{shards}: no good example in these shards")
+
+  def __len__(self):
+    return len(self._examples)
+
+  def captions(self, index):
+    """The captions of example `index` (a new list)."""
+    return list(self._examples[index]["captions"])
+
+  def caption_counts(self):
+    """int64 [len(self)]: the number of captions of each example."""
+    return np.array([len(example["captions"]) for example in self._examples], np.int64)
+
+  def __getitem__(self, index):
+    """{"image": the bytes as stored, "name": "SHARD:KEY", "captions", "image_id"}."""
+    example = self._examples[index]
+    shard, key = example["shard"], example["key"]
+    return {"image": example["image"], "name": example_name(shard, key),
+            "captions": self.captions(index), "image_id": image_id(shard, key)}
