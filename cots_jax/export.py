@@ -22,11 +22,9 @@ import importlib.metadata
 import json
 import os
 import pathlib
-import sys
 import tempfile
 from typing import Any, Callable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -367,14 +365,8 @@ def _export():
         f"{', '.join(manifest['platforms'])}): {_OUT.value}")
 
 
-def main(argv):
-  """Runs the export with the parsed FLAGS; exits with a one-line error on a bad input."""
-  if len(argv) != 1:
-    raise app.UsageError(f"cots_jax.export takes flags only; got {argv[1:]}")
-  try:
-    _export()
-  except (ValueError, OSError) as error:
-    sys.exit(f"cots_jax.export: error: {error}")
+# Runs the export with the parsed FLAGS; exits with a one-line error on a bad input.
+main = logs.tool_main("export", _export)
 
 
 if __name__ == "__main__":

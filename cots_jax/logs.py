@@ -13,6 +13,7 @@ dir) under the workdir's name: gs://bucket/runs/x logs to /tmp/x.log.txt.
 import logging
 from logging import handlers
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -64,6 +65,21 @@ def tool_log(tool):
   """The log file of a tool that works on no workdir of its own: cots_jax.TOOL.log.txt in absl's
   log dir."""
   return os.path.join(absl_logging.find_log_dir(), f"cots_jax.{tool}.{LOG_FILE}")
+
+
+def tool_main(tool, run):
+  """The absl main of `python -m cots_jax.TOOL`, a tool that takes flags only: calls `run()`;
+  a ValueError or OSError (bad input) exits with one line naming the tool."""
+
+  def main(argv):
+    if len(argv) != 1:
+      raise app.UsageError(f"cots_jax.{tool} takes flags only; got {argv[1:]}")
+    try:
+      run()
+    except (ValueError, OSError) as error:
+      sys.exit(f"cots_jax.{tool}: error: {error}")
+
+  return main
 
 
 def run_tool(tool, tool_flags, main):

@@ -33,10 +33,8 @@ import json
 import multiprocessing
 import os
 import struct
-import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from array_record.python import array_record_module
@@ -410,18 +408,8 @@ def _convert():
         f"{totals['skipped']} skipped")
 
 
-def main(argv):
-  """Runs the conversion with the parsed FLAGS; exits with a one-line error on a bad input."""
-  if len(argv) != 1:
-    raise app.UsageError(f"cots_jax.data.convert takes flags only; got {argv[1:]}")
-  try:
-    _convert()
-  except (ValueError, OSError) as error:
-    sys.exit(f"cots_jax.data.convert: error: {error}")
-
-
 if __name__ == "__main__":
   # Imported here: it imports jax, which the worker processes (they import this module) do not
   # need, and which takes them seconds to import.
   from cots_jax import logs  # pylint: disable=g-import-not-at-top
-  logs.run_tool("data.convert", FLAGS, main)
+  logs.run_tool("data.convert", FLAGS, logs.tool_main("data.convert", _convert))
