@@ -170,6 +170,7 @@ def test_text_query_ranks_by_dot_product(image_index, run, embedder):
   assert [item for item, _ in hits] == [items[i] for i in np.argsort(-expected)[:5]]
   np.testing.assert_allclose(scores, [expected[items.index(item)] for item, _ in hits], atol=1e-5)
   assert len(search.search(embeddings, items, query, k=50)) == len(items)
+  assert len(search.search(embeddings, items, query, k=10**9)) == len(items)  # nothing of size k
 
 
 def test_search_errors(image_index):
