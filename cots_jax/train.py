@@ -191,7 +191,8 @@ def _loop(config, state, phases, batches, start_step, manager, train_iter, write
         eval_start = time.perf_counter()
         results = evaluate(state)
         writer.write(step, results)
-        logging.info("step %d eval: %s", step, evaluators_common.summary(results))
+        logging.info("step %d eval (%.1f s): %s", step, time.perf_counter() - eval_start,
+                     evaluators_common.summary(results))
         progress.write(f"step {step}: {evaluators_common.summary(results)}")
         excluded_seconds += time.perf_counter() - eval_start
       if preempted or manager.should_save(step):
