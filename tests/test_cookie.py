@@ -287,7 +287,7 @@ def test_cookie_config_variants():
 
 @pytest.mark.slow
 def test_runlocal_cookie_run_trains_and_reports_every_evaluator(tmp_path):
-  flags = tiny_flags(**{"total_steps": 30, "log_every": 10, "checkpoint_every": 0,
+  flags = tiny_flags(**{"total_steps": 30, "log_every": 1, "checkpoint_every": 0,
                         "model.wst_layers": 1, "input.data.num_train_images": 200})
   result = run_module("cots_jax.main", "--config=configs/cookie_pretrain.py:runlocal",
                       f"--workdir={tmp_path}", *flags)
@@ -300,4 +300,6 @@ def test_runlocal_cookie_run_trains_and_reports_every_evaluator(tmp_path):
   assert "evals report the online encoder only" in (tmp_path / "log.txt").read_text()
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
-  assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+  # Single-batch losses are noisy: the last ten steps' mean against the first ten's.
+  assert len(losses) == 30 and all(np.isfinite(losses))
+  assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses

@@ -430,8 +430,8 @@ def test_tfds_image_ids_outside_int32_are_refused():
 
 @pytest.mark.parametrize("fields, split_kind, message", [
     ({"name": "flickr"}, "train", "config.input.data.name='flickr' is not a source; known: "
-                                  "synthetic, captions_json, tfds, synthetic_video, msrvtt, "
-                                  "frames_folder"),
+                                  "synthetic, captions_json, tfds, array_record, webdataset, "
+                                  "synthetic_video, msrvtt, frames_folder"),
     ({"annotations": "a.json", "images_dir": "images"}, "test",
      "split_kind must be 'train' or 'eval', got 'test'"),
     ({"images_dir": "images"}, "train", "config.input.data.annotations='' must be set"),
